@@ -1,0 +1,81 @@
+"""The ``edgesplit`` console script: a thin dispatcher over subcommands registered by each package.
+
+Packages contribute subcommands through the ``edgesplit.commands`` entry-point group (see
+pyproject.toml), each a ``register(subparsers)`` function. The dispatcher imports none of them
+statically, so a torch-free device install only loads the commands it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+
+from converters.provenance import check_packages
+
+GROUP = "edgesplit.commands"
+# Used when the distribution's metadata is absent (running from a source tree without install).
+_FALLBACK = {
+    "split": "split.commands:register",
+    "edge": "edge.commands:register",
+    "cloud": "cloud.commands:register",
+}
+
+
+def _registrars():
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group=GROUP)}
+    for name, value in (eps or _FALLBACK).items():
+        module_name, _, attr = value.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            # A device install lacks the cloud stack: its commands are simply not offered.
+            logging.getLogger(__name__).debug("commands of %s unavailable: %s", name, exc)
+            continue
+        yield getattr(module, attr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgesplit",
+        description="Split and federated learning between devices and a cloud, over MQTT.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit code. Expected errors print one line, not a traceback."""
+    try:
+        check_packages()
+    except ImportError as exc:
+        print(f"edgesplit: error: {exc}", file=sys.stderr)
+        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, RuntimeError, KeyError, ImportError) as exc:
+        if args.verbose:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"edgesplit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgesplit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
