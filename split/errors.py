@@ -7,3 +7,15 @@ class SplitPointError(ValueError):
 
 class ManifestError(ValueError):
     """A manifest is malformed or does not match its artifacts."""
+
+
+class PrivacyConfigError(ValueError):
+    """A differential-privacy setting is invalid or cannot reach its target."""
+
+
+class PrivacyBudgetExceededError(RuntimeError):
+    """Training stopped because the next step would spend more than the privacy budget."""
+
+
+class InputShapeError(ValueError):
+    """An input shape (or example input) does not fit the model."""
