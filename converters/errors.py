@@ -27,3 +27,7 @@ class TransportError(ConnectionError):
 
 class ExportError(RuntimeError):
     """A model half could not be exported to ONNX or failed verification."""
+
+
+class DatasetError(ValueError):
+    """A dataset file or array breaks its format rule (bad magic, truncated, NaN, label range)."""

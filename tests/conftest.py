@@ -5,17 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import time
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(1234)
 
 
 def free_port() -> int:
@@ -24,58 +18,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class BrokerInfo:
-    host: str
-    port: int
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
 
 
-def _mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
+def _require_mosquitto() -> None:
+    # Imported here so collecting unrelated tests never imports the cloud package.
+    from cloud.broker import mosquitto_binary
 
-
-def start_mosquitto(tmp_path, extra_conf: str = "") -> BrokerInfo:
-    binary = _mosquitto_binary()
-    if binary is None:
+    if mosquitto_binary() is None:
         if os.environ.get("CI"):
             pytest.fail("mosquitto is not installed; CI must apt-get install -y mosquitto")
         pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"max_queued_messages 100000\n{extra_conf}"
-    )
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return BrokerInfo("127.0.0.1", port, proc)
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {proc.stderr.read().decode()}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mosquitto did not start within 10 s")
+
+
+def start_mosquitto(tmp_path=None, extra_conf: str = ""):
+    """Starts an anonymous loopback Mosquitto (``.host .port .url .proc``); caller stops it."""
+    from cloud.broker import MosquittoBroker
+
+    _require_mosquitto()
+    return MosquittoBroker(extra_conf=extra_conf).start()
 
 
 @pytest.fixture
-def mosquitto(tmp_path):
+def mosquitto():
     """A real Mosquitto on 127.0.0.1 at a free port, stopped after the test."""
-    broker = start_mosquitto(tmp_path)
+    broker = start_mosquitto()
     yield broker
-    broker.proc.terminate()
-    try:
-        broker.proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        broker.proc.kill()
+    broker.close()
+
+
+@dataclass
+class AclBroker:
+    """A Mosquitto running a generated password + per-device ACL config."""
+
+    broker: object  # cloud.broker.MosquittoBroker
+    credentials: dict[str, str]
+    prefix: str
+    files: dict
+
+    @property
+    def host(self) -> str:
+        return self.broker.host
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+
+@pytest.fixture
+def mosquitto_acl():
+    """Mosquitto with users cloud, pi-01, pi-02 and the generated ACL (topic prefix ``es``)."""
+    from cloud.broker import MosquittoBroker
+    from cloud.broker_config import write_mosquitto_config
+
+    _require_mosquitto()
+    # Not tmp_path: as root, Mosquitto reads passwd/acl as user mosquitto, which cannot
+    # traverse pytest's 0700 temp root.
+    out = tempfile.mkdtemp(prefix="edgesplit-acl-")
+    files = write_mosquitto_config(
+        out,
+        devices=["pi-01", "pi-02"],
+        port=free_port(),
+        bind="127.0.0.1",
+        prefix="es",
+    )
+    broker = MosquittoBroker(conf_path=files["conf"]).start()
+    yield AclBroker(broker, files["credentials"], "es", files)
+    broker.close()
+    shutil.rmtree(out, ignore_errors=True)

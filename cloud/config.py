@@ -1,0 +1,120 @@
+"""Configuration of a federated run: one frozen dataclass, loadable from TOML."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from converters.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DP_MODES = ("none", "sample", "user")
+SECURE_MODES = ("none",)
+
+
+def _check(cond: bool, name: str, rule: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"{name} {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Everything the cloud trainer needs to run federated rounds.
+
+    Attributes mirror the ``[run]`` table of a ``run.toml`` and the ``edgesplit simulate``
+    flags. Privacy parameters are only ever set here, never through environment variables.
+    """
+
+    run_id: str = "run"
+    model: str = "digits-mlp"
+    dataset: str = "digits"
+    rounds: int = 10
+    clients_per_round: int = 0  # 0 = every registered device
+    fraction: float = 1.0
+    min_clients: int = 2
+    round_timeout: float = 60.0
+    register_timeout: float = 60.0
+    local_epochs: int = 10
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    strategy: str = "fedavg"
+    strategy_args: dict = field(default_factory=dict)
+    codec: str = "float32"
+    compress: str | None = None
+    prefix: str = "edgesplit"
+    seed: int = 0
+    test_fraction: float = 0.2
+    out_dir: str = "runs/run"
+    dp: str = "none"
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    clip: float = 1.0
+    population: int = 0  # user-level DP: devices the round samples from (0 = registered)
+    secure: str = "none"
+    max_update_bytes: int = 64 * 2**20
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(_NAME.match(self.run_id)), "run_id", "must match [A-Za-z0-9_.-]{1,64}", self.run_id
+        )
+        _check(self.rounds >= 1, "rounds", "must be >= 1", self.rounds)
+        _check(
+            self.clients_per_round >= 0, "clients_per_round", "must be >= 0", self.clients_per_round
+        )
+        _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]", self.fraction)
+        _check(self.min_clients >= 1, "min_clients", "must be >= 1", self.min_clients)
+        _check(self.round_timeout > 0, "round_timeout", "must be > 0 seconds", self.round_timeout)
+        _check(self.register_timeout > 0, "register_timeout", "must be > 0", self.register_timeout)
+        _check(self.local_epochs >= 1, "local_epochs", "must be >= 1", self.local_epochs)
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0", self.lr)
+        _check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
+        _check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
+        _check(self.dp in DP_MODES, "dp", f"must be one of {', '.join(DP_MODES)}", self.dp)
+        _check(self.secure in SECURE_MODES, "secure", f"must be one of {SECURE_MODES}", self.secure)
+        _check(0 < self.delta < 1, "delta", "must be in (0, 1)", self.delta)
+        _check(math.isfinite(self.clip) and self.clip > 0, "clip", "must be > 0", self.clip)
+        if self.noise_multiplier is not None:
+            ok = math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+            _check(ok, "noise_multiplier", "must be >= 0", self.noise_multiplier)
+        if self.target_epsilon is not None:
+            ok = math.isfinite(self.target_epsilon) and self.target_epsilon > 0
+            _check(ok, "target_epsilon", "must be > 0", self.target_epsilon)
+        if self.dp != "none":
+            one = (self.noise_multiplier is None) != (self.target_epsilon is None)
+            _check(one, "dp", "needs exactly one of noise_multiplier / target_epsilon", self.dp)
+        _check(self.max_update_bytes > 0, "max_update_bytes", "must be > 0", self.max_update_bytes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FederatedConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> FederatedConfig:
+        """Reads the ``[run]`` table of a TOML file (or the top level when there is none)."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(data.get("run", data))
+
+    def replace(self, **changes) -> FederatedConfig:
+        return FederatedConfig.from_dict({**self.to_dict(), **changes})

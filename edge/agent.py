@@ -1,0 +1,276 @@
+"""The device agent: joins federated rounds over MQTT, trains locally, sends its update.
+
+A device talks only through the broker: it reads the round announcement on ``ctrl`` and its own
+``down/<id>`` topic, and writes ``up/<id>`` and its retained ``presence/<id>``. Its data never
+leaves it; only parameters travel. Malformed or foreign messages are logged with a one-line
+reason, counted, and dropped; the agent keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from converters.errors import TransportError, WireError
+from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.tensor_codec import decode_tensors, encode_tensors
+from converters.topics import Topics, validate_device_id
+from converters.wire import Envelope, MsgType, decode, encode
+
+log = logging.getLogger(__name__)
+
+# The trainer factory builds a device's trainer lazily (torch loads on the first round only).
+TrainerFactory = Callable[[str], "object"]
+
+
+def presence_payload(device_id: str, status: str) -> bytes:
+    """Retained presence document; the will carries the same with status "offline"."""
+    return json.dumps({"device": device_id, "status": status}).encode()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentOptions:
+    """How a device takes part in rounds.
+
+    Attributes:
+        device_id: MQTT-safe id, also the MQTT client id and (with ACLs) the username.
+        prefix: topic prefix shared with the cloud.
+        send_timeout: deadline in seconds for delivering one update.
+        max_message_bytes: larger downlink messages are rejected before parsing.
+        vanish_prob: simulation only; chance per round that the device crashes mid-round.
+        seed: seeds the simulated crashes.
+    """
+
+    device_id: str
+    prefix: str = "edgesplit"
+    send_timeout: float = 60.0
+    max_message_bytes: int = 256 * 2**20
+    vanish_prob: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device_id)
+        if not 0 <= self.vanish_prob <= 1:
+            raise ValueError(f"vanish_prob must be in [0, 1], got {self.vanish_prob}")
+        if self.send_timeout <= 0:
+            raise ValueError(f"send_timeout must be > 0, got {self.send_timeout}")
+
+
+class DeviceAgent:
+    """One device: an MQTT connection, its local data and a lazily built local trainer.
+
+    Args:
+        options: identity and behaviour.
+        mqtt: broker connection settings (client_id must equal the device id).
+        x: local inputs; y: local labels. They stay on the device.
+        trainer_factory: ``f(model_ref) -> trainer`` with ``fit(params, config)``; defaults to
+            :class:`edge.local_train.LocalTrainer` (torch).
+        executor: where training runs; devices of one simulation worker share one, so they
+            take turns on the core instead of thrashing it.
+    """
+
+    def __init__(
+        self,
+        *,
+        options: AgentOptions,
+        mqtt: MqttConfig,
+        x: np.ndarray,
+        y: np.ndarray,
+        trainer_factory: TrainerFactory | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        if mqtt.client_id != options.device_id:
+            raise ValueError(
+                f"mqtt.client_id must equal device_id {options.device_id!r}, got {mqtt.client_id!r}"
+            )
+        self.options = options
+        self.id = options.device_id
+        self.topics = Topics(prefix=options.prefix)
+        self.x, self.y = x, y
+        self._factory = trainer_factory or self._default_factory
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1)
+        self._trainer = None
+        self._trainer_ref: str | None = None
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._done_rounds: set[tuple[str, int]] = set()
+        self._rng = np.random.default_rng([options.seed, _stable_hash(self.id)])
+        self._session: str | None = None
+        self.finished = threading.Event()
+        self.rounds_trained = 0
+        self.rejected = 0
+        self.crashes = 0
+        self.endpoint = MqttEndpoint(
+            mqtt,
+            will=(self.topics.presence(self.id), presence_payload(self.id, "offline")),
+            on_connect=self._on_connect,
+        )
+
+    def _default_factory(self, model_ref: str):
+        from edge.local_train import LocalTrainer
+
+        return LocalTrainer(
+            model_ref=model_ref, x=self.x, y=self.y, seed=_stable_hash(self.id) % 2**31
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        self.endpoint.connect(timeout=timeout)
+        self.endpoint.subscribe(self.topics.down(self.id), self._on_down)
+        self.endpoint.subscribe(self.topics.ctrl(), self._on_ctrl)
+        self._announce()
+
+    def stop(self) -> None:
+        with contextlib.suppress(TransportError):
+            self.endpoint.publish_small(
+                self.topics.presence(self.id), presence_payload(self.id, "offline"), retain=True
+            )
+        self.endpoint.close()
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _on_connect(self) -> None:
+        # Runs after every (re)connect: the broker may have restarted or we may have crashed.
+        try:
+            self._announce()
+        except TransportError as exc:
+            log.warning("%s: could not announce after connect: %s", self.id, exc)
+
+    def _announce(self) -> None:
+        if not self.endpoint.connected:
+            return
+        self.endpoint.publish_small(
+            self.topics.presence(self.id), presence_payload(self.id, "online"), retain=True
+        )
+        hello = Envelope(
+            type=MsgType.HELLO,
+            run_id="",
+            round=0,
+            sender=self.id,
+            seq=self._next_seq(),
+            meta={"num_samples": len(self.y), "train": True},
+        )
+        self.endpoint.publish_small(self.topics.up(self.id), encode(hello))
+
+    def _next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    # -- incoming --------------------------------------------------------------------------
+
+    def _reject(self, topic: str, reason: str) -> None:
+        self.rejected += 1
+        log.warning("%s: rejected message on %s: %s", self.id, topic, reason)
+
+    def _on_ctrl(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            env = decode(payload, max_bytes=64 * 1024)
+        except WireError as exc:
+            self._reject(topic, str(exc))
+            return
+        session = env.meta.get("session")
+        if env.type == MsgType.BYE:
+            self.finished.set()
+        elif env.type == MsgType.ROUND_START and session and session != self._session:
+            # A new cloud session (first start or restart): (re)register with it.
+            self._session = session
+            self._announce()
+
+    def _on_down(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            env = decode(payload, max_bytes=self.options.max_message_bytes)
+        except WireError as exc:
+            self._reject(topic, str(exc))
+            return
+        if env.type == MsgType.MODEL:
+            # A resumed cloud re-sends its round under a new session; that is not a duplicate.
+            key = (env.run_id, env.round, env.meta.get("session"))
+            with self._lock:
+                if key in self._done_rounds:
+                    self._reject(topic, f"duplicate MODEL for run {env.run_id} round {env.round}")
+                    return
+                self._done_rounds.add(key)
+            if self.options.vanish_prob and self._rng.random() < self.options.vanish_prob:
+                self._crash(env.round)
+                return
+            self._executor.submit(self._train_and_reply, env)
+        elif env.type == MsgType.ERROR:
+            log.warning("%s: cloud refused our message: %s", self.id, env.meta.get("error"))
+        elif env.type == MsgType.BYE:
+            self.finished.set()
+        else:
+            self._reject(topic, f"unexpected message type {env.type.name} on the downlink")
+
+    def _crash(self, round_: int) -> None:
+        """Simulation: vanish mid-round as a crashed device would (the broker fires our will)."""
+        self.crashes += 1
+        log.info("%s: simulated crash in round %d", self.id, round_)
+        self.endpoint.drop_connection()
+
+    # -- training --------------------------------------------------------------------------
+
+    def _train_and_reply(self, env: Envelope) -> None:
+        try:
+            self._train_and_send(env)
+        except (WireError, ValueError) as exc:
+            self._reject("model", str(exc))
+            self._send_error(env, str(exc))
+        except TransportError as exc:
+            log.warning("%s: round %d update not delivered: %s", self.id, env.round, exc)
+        except Exception:  # a bug in training must not kill the device's worker
+            log.exception("%s: round %d training failed", self.id, env.round)
+
+    def _train_and_send(self, env: Envelope) -> None:
+        meta = env.meta
+        model_ref = meta.get("model")
+        config = meta.get("config")
+        if not isinstance(model_ref, str) or not isinstance(config, dict):
+            raise ValueError("MODEL message needs meta.model (str) and meta.config (object)")
+        params = decode_tensors(env.body)
+        if self._trainer is None or self._trainer_ref != model_ref:
+            self._trainer = self._factory(model_ref)
+            self._trainer_ref = model_ref
+        t0 = time.perf_counter()
+        new_params, metrics = self._trainer.fit(params, {**config, "round": env.round})
+        metrics["train_seconds"] = time.perf_counter() - t0
+        body = encode_tensors(
+            new_params, codec=config.get("codec", "float32"), compress=config.get("compress")
+        )
+        reply = env.reply(
+            type=MsgType.UPDATE,
+            sender=self.id,
+            seq=self._next_seq(),
+            meta={"num_samples": len(self.y), "metrics": metrics},
+            body=body,
+        )
+        self.endpoint.send(
+            self.topics.up(self.id), encode(reply), timeout=self.options.send_timeout
+        )
+        self.rounds_trained += 1
+
+    def _send_error(self, env: Envelope, reason: str) -> None:
+        try:
+            err = env.reply(
+                type=MsgType.ERROR, sender=self.id, seq=self._next_seq(), meta={"error": reason}
+            )
+            self.endpoint.publish_small(self.topics.up(self.id), encode(err))
+        except (TransportError, WireError):
+            pass
+
+
+def _stable_hash(text: str) -> int:
+    """A process-independent hash (Python's ``hash`` is salted per process)."""
+    import zlib
+
+    return zlib.crc32(text.encode())

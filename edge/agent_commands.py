@@ -1,0 +1,62 @@
+"""The ``edgesplit edge`` subcommand: run one device agent against a broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+
+def register_agent_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "edge",
+        help="run a device agent (joins federated rounds over MQTT)",
+        description="Connects to the broker as device ID, waits for rounds, trains on its own "
+        "data and sends updates. Data stays on the device.",
+    )
+    p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://user:pass@host")
+    p.add_argument("--id", dest="device_id", required=True, help="device id (MQTT client id)")
+    p.add_argument("--data", required=True, help="local data: file.npz | idx:IMG,LBL | digits")
+    p.add_argument("--prefix", default="edgesplit", help="topic prefix shared with the cloud")
+    p.add_argument("--username", help="broker username (default: the device id)")
+    p.add_argument("--password", help="broker password")
+    p.add_argument("--cafile", help="CA bundle to verify the broker (TLS)")
+    p.add_argument("--once", action="store_true", help="exit when the run finishes")
+    p.set_defaults(func=run_edge)
+
+
+def run_edge(args: argparse.Namespace) -> int:
+    from converters.datasets import load_dataset
+    from converters.mqtt import MqttConfig
+    from edge.agent import AgentOptions, DeviceAgent
+
+    data = load_dataset(args.data)
+    extra = {}
+    if args.password is not None:
+        extra.update(username=args.username or args.device_id, password=args.password)
+    if args.cafile:
+        extra.update(tls=True, tls_ca=args.cafile)
+    agent = DeviceAgent(
+        options=AgentOptions(device_id=args.device_id, prefix=args.prefix),
+        mqtt=MqttConfig.from_url(args.broker, client_id=args.device_id, **extra),
+        x=data.x,
+        y=data.y,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    agent.start()
+    print(f"device {args.device_id}: connected to {args.broker}, {len(data)} local samples")
+    try:
+        while not stop.is_set():
+            if args.once and agent.finished.is_set():
+                break
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agent.stop()
+    print(f"device {args.device_id}: trained {agent.rounds_trained} round(s)")
+    return 0
