@@ -20,6 +20,7 @@ GROUP = "edgesplit.commands"
 # Used when the distribution's metadata is absent (running from a source tree without install).
 _FALLBACK = {
     "split": "split.commands:register",
+    "converters": "converters.commands:register",
     "edge": "edge.commands:register",
     "cloud": "cloud.commands:register",
 }
