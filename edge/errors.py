@@ -7,3 +7,7 @@ class EdgeInputError(ValueError):
 
 class ModelMismatchError(ValueError):
     """The device's model half does not match the cloud's (manifest hash differs)."""
+
+
+class ArtifactMissingError(FileNotFoundError):
+    """A model file the device needs (e.g. an ONNX variant) was never exported or is absent."""
