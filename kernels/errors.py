@@ -7,3 +7,7 @@ class BackendUnavailableError(ImportError):
 
 class KernelInputError(ValueError):
     """A kernel received an array of the wrong dtype, shape or range."""
+
+
+class InsecureKeyError(ValueError):
+    """A cryptographic key or parameter is below the library's security floor."""

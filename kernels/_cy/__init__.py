@@ -1,0 +1,1 @@
+"""Cython extensions (built by setup.py); imported only through ``kernels._backend``."""

@@ -1,0 +1,1 @@
+"""Pure-Python/NumPy reference kernels: slow, obviously correct, the oracle for every backend."""
