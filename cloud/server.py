@@ -366,8 +366,10 @@ class FederatedServer:
                     except RoundFailedError as exc:
                         log.warning("%s", exc)
                         row = {"round": self.round, "status": "failed", "error": str(exc)}
-                    self._checkpoint()
+                    # Row first, then checkpoint: a crash in between re-runs the round and
+                    # --resume drops the orphan row, so no completed round is lost or doubled.
                     self.report.add(row)
+                    self._checkpoint()
                     if self.on_round is not None:
                         self.on_round(row)
             self._announce(MsgType.BYE, "finished")
