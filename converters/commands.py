@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from converters.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,12 @@ def _load_data(manifest, spec: str | None, *, test_fraction: float, seed: int):
             f"data={spec!r} has samples of shape {tuple(ds.x.shape[1:])}, the model takes "
             f"{tuple(manifest.input_shape)}; pass --data with matching samples"
         )
+    held_out = (manifest.extra.get("training") or {}).get("test_indices")
+    if held_out is not None and spec == _BUNDLED.get("digits"):
+        # `edgesplit split --train-epochs` recorded which samples it held out: use exactly those.
+        mask = np.zeros(len(ds), bool)
+        mask[np.asarray(held_out, dtype=np.int64)] = True
+        return ds.subset(np.flatnonzero(~mask)), ds.subset(np.flatnonzero(mask)), spec
     train, test = train_test_split(ds, test_fraction=test_fraction, seed=seed)
     return train, test, spec
 

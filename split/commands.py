@@ -47,12 +47,21 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _digits(seed: int):
-    # The same stratified split `edgesplit export` evaluates on, so "held-out" means the same
-    # samples for training here and for the quantization accuracy report there.
-    from converters.datasets import load_digits, train_test_split
+    """sklearn digits split stratified into train / held-out; also returns the held-out indices.
 
-    train, test = train_test_split(load_digits(), test_fraction=DIGITS_TEST_FRACTION, seed=seed)
-    return train.x, test.x, train.y, test.y
+    The indices go into the manifest so ``edgesplit export`` reports accuracy on exactly the
+    samples this model never trained on.
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    idx_tr, idx_te = train_test_split(
+        np.arange(len(x)), test_size=DIGITS_TEST_FRACTION, random_state=seed, stratify=data.target
+    )
+    return x[idx_tr], x[idx_te], data.target[idx_tr], data.target[idx_te], np.sort(idx_te)
 
 
 def _train(model, spec, args) -> dict:
@@ -65,7 +74,7 @@ def _train(model, spec, args) -> dict:
             f"model {args.model!r} trains on {spec.dataset!r} data, which is not bundled; "
             "train it elsewhere and pass --weights PATH.pt"
         )
-    x_tr, x_te, y_tr, y_te = _digits(args.seed)
+    x_tr, x_te, y_tr, y_te, test_idx = _digits(args.seed)
     train_centralized(model, x_tr, y_tr, epochs=args.train_epochs, momentum=0.9, seed=args.seed)
     accuracy, loss = evaluate(model, x_te, y_te)
     return {
@@ -76,6 +85,7 @@ def _train(model, spec, args) -> dict:
         "test_accuracy": round(accuracy, 4),
         "test_loss": round(loss, 4),
         "seed": args.seed,
+        "test_indices": test_idx.tolist(),
     }
 
 
