@@ -36,8 +36,10 @@ class EchoTrainer:
 
     def fit(self, params, config):
         t0 = time.perf_counter()
-        out = {k: (v + self.rng.normal(0, 1e-3, v.shape)).astype(v.dtype) if v.dtype.kind == "f"
-               else v for k, v in params.items()}  # fmt: skip
+        out = {
+            k: (v + self.rng.normal(0, 1e-3, v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+            for k, v in params.items()
+        }
         return out, {"loss": 0.0, "compute_seconds": time.perf_counter() - t0}
 
 
@@ -53,9 +55,11 @@ def _device_worker(url: str, ids: list[str], stop_after: float, ready) -> None:
         agent = DeviceAgent(
             options=AgentOptions(device_id=dev),
             mqtt=MqttConfig.from_url(url, client_id=dev),
-            x=x, y=y, executor=executor,
+            x=x,
+            y=y,
+            executor=executor,
             trainer_factory=lambda ref, i=i: EchoTrainer(i),
-        )  # fmt: skip
+        )
         agent.start()
         agents.append(agent)
     ready.set()
@@ -88,14 +92,22 @@ def run_case(broker_kind: str, devices: int, rounds: int, codec: str, workers: i
             ev.wait(120)
         with tempfile.TemporaryDirectory() as out:
             config = FederatedConfig(
-                run_id="overhead", model=MODEL, rounds=rounds, min_clients=devices,
-                round_timeout=120, register_timeout=60, codec=codec, out_dir=out,
-            )  # fmt: skip
+                run_id="overhead",
+                model=MODEL,
+                rounds=rounds,
+                min_clients=devices,
+                round_timeout=120,
+                register_timeout=60,
+                codec=codec,
+                out_dir=out,
+            )
             test = load_digits()
             server = FederatedServer(
-                config, mqtt=MqttConfig.from_url(broker.url, client_id="cloud"),
-                test_set=test.subset(np.arange(360)), expected_devices=devices,
-            )  # fmt: skip
+                config,
+                mqtt=MqttConfig.from_url(broker.url, client_id="cloud"),
+                test_set=test.subset(np.arange(360)),
+                expected_devices=devices,
+            )
             raw = sum(v.nbytes for v in server.params.values())
             n_params = sum(v.size for v in server.params.values())
             server.run()
@@ -135,8 +147,10 @@ def main(argv=None) -> int:
     if args.smoke:
         args.devices, args.codecs, args.rounds = "5", "float32", 2
     results = []
-    print(f"{'broker':<10} {'devices':>7} {'codec':<8} {'overhead s':>10} {'round s':>8} "
-          f"{'up/raw':>7} {'down/raw':>8}  ok")  # fmt: skip
+    print(
+        f"{'broker':<10} {'devices':>7} {'codec':<8} {'overhead s':>10} {'round s':>8} "
+        f"{'up/raw':>7} {'down/raw':>8}  ok"
+    )
     for broker in args.brokers.split(","):
         for n in map(int, args.devices.split(",")):
             for codec in args.codecs.split(","):
@@ -144,11 +158,16 @@ def main(argv=None) -> int:
                     continue  # codecs only change bytes: measure them at the largest size
                 r = run_case(broker, n, args.rounds, codec, args.workers)
                 results.append(r)
-                print(f"{r['broker']:<10} {n:>7} {codec:<8} {r['overhead_s_median']:>10.3f} "
-                      f"{r['round_s_median']:>8.3f} {r['up_vs_raw']:>7.3f} "
-                      f"{r['down_vs_raw']:>8.3f}  {r['ok']}", flush=True)  # fmt: skip
-    print(f"model: {results[0]['params']:,} parameters; goal: overhead < 0.5 s at 100 devices, "
-          "float32 bytes within 5% of raw")
+                print(
+                    f"{r['broker']:<10} {n:>7} {codec:<8} {r['overhead_s_median']:>10.3f} "
+                    f"{r['round_s_median']:>8.3f} {r['up_vs_raw']:>7.3f} "
+                    f"{r['down_vs_raw']:>8.3f}  {r['ok']}",
+                    flush=True,
+                )
+    print(
+        f"model: {results[0]['params']:,} parameters; goal: overhead < 0.5 s at 100 devices, "
+        "float32 bytes within 5% of raw"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if all(r["ok"] for r in results) else 1

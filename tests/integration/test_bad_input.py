@@ -24,10 +24,14 @@ def _bad_messages(params: dict[str, np.ndarray], run_id: str, rnd: int) -> list[
 
     def update(sender="dev-0000", body=None, run=run_id, round_=rnd, meta=None):
         env = Envelope(
-            type=MsgType.UPDATE, run_id=run, round=round_, sender=sender, seq=99,
+            type=MsgType.UPDATE,
+            run_id=run,
+            round=round_,
+            sender=sender,
+            seq=99,
             meta={"num_samples": 10} if meta is None else meta,
             body=encode_tensors(good) if body is None else body,
-        )  # fmt: skip
+        )
         return encode(env)
 
     nan = {k: v.copy() for k, v in good.items()}
@@ -50,8 +54,9 @@ def _bad_messages(params: dict[str, np.ndarray], run_id: str, rnd: int) -> list[
     ]
 
 
-def test_bad_updates_are_rejected_counted_and_never_absorbed(federation, fast_config, tmp_path,
-                                                             mosquitto):
+def test_bad_updates_are_rejected_counted_and_never_absorbed(
+    federation, fast_config, tmp_path, mosquitto
+):
     config = fast_config.replace(rounds=2)
     fed = federation(config, clients=3, partition="iid")
     server = fed.server()

@@ -21,8 +21,20 @@ def _rows(path) -> list[dict]:
 
 
 def _cloud(broker_url, toml, *extra):
-    cmd = [sys.executable, "-m", "converters.cli", "cloud", "--config", str(toml),
-           "--broker", broker_url, "--expect", "3", "--quiet", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "converters.cli",
+        "cloud",
+        "--config",
+        str(toml),
+        "--broker",
+        broker_url,
+        "--expect",
+        "3",
+        "--quiet",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
@@ -33,11 +45,13 @@ def test_kill_cloud_and_resume(federation, fast_config, tmp_path, mosquitto):
     fed = federation(config, clients=3, partition="iid")
     toml = tmp_path / "run.toml"
     toml.write_text(
-        "[run]\n" + "".join(
-            f"{k} = {json.dumps(v)}\n" for k, v in config.to_dict().items()
+        "[run]\n"
+        + "".join(
+            f"{k} = {json.dumps(v)}\n"
+            for k, v in config.to_dict().items()
             if v is not None and not isinstance(v, dict)
         )
-    )  # fmt: skip
+    )
     first = _cloud(mosquitto.url, toml)
     deadline = time.monotonic() + 120
     while len(_rows(out / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
