@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import fields
 
-from cloud.config import FederatedConfig
+from cloud.config import MODES, FederatedConfig
 from converters.errors import ConfigError
 
 
@@ -71,6 +71,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="strategy setting, e.g. mu=0.01 (repeatable)",
     )  # fmt: skip
     p.add_argument("--codec", choices=["float32", "fp16", "int8"])
+    p.add_argument(
+        "--mode", choices=list(MODES),
+        help="fedavg (default) or a split-learning topology",
+    )  # fmt: skip
+    p.add_argument("--cut", help="split modes: edge/cloud cut point (default: the model's)")
+    p.add_argument("--head-cut", help="ushaped: cloud/head cut point (default: the last one)")
+    p.add_argument("--act-codec", choices=["float32", "fp16", "int8"], help="split activations")
     p.add_argument("--dp", choices=["none", "sample", "user"])
     p.add_argument("--noise-multiplier", type=float)
     p.add_argument("--target-epsilon", type=float)
@@ -229,7 +236,15 @@ def run_cloud(args: argparse.Namespace) -> int:
         url = broker.url
         print(f"started broker at {url}")
     try:
-        server = FederatedServer(
+        split = config.mode != "fedavg"
+        trainer_cls = FederatedServer
+        if split:
+            from cloud.split_trainer import SplitTrainer
+
+            if args.resume:
+                raise ConfigError(f"--resume is not supported with mode={config.mode!r}")
+            trainer_cls = SplitTrainer
+        server = trainer_cls(
             config,
             mqtt=MqttConfig.from_url(url, client_id="cloud"),
             test_set=test,
@@ -237,7 +252,7 @@ def run_cloud(args: argparse.Namespace) -> int:
         )
         with _Progress(config.rounds, enabled=not (args.quiet or args.json)) as progress:
             server.on_round = progress.update
-            summary = server.run(resume=args.resume)
+            summary = server.run() if split else server.run(resume=args.resume)
     finally:
         if broker is not None:
             broker.stop()

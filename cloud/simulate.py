@@ -80,6 +80,7 @@ def _spawn_workers(
             "--count", str(count),
             "--dropout", str(opts.dropout),
             "--max-seconds", str(config.register_timeout + config.rounds * config.round_timeout),
+            "--mode", config.mode,
         ]  # fmt: skip
         procs.append(subprocess.Popen(cmd))
     return procs
@@ -115,15 +116,20 @@ def simulate(
     procs: list[subprocess.Popen] = []
     try:
         procs = _spawn_workers(config, options, url)
-        server = FederatedServer(
-            config,
-            mqtt=MqttConfig.from_url(url, client_id="cloud"),
-            test_set=test,
-            expected_devices=options.clients,
-            on_round=on_round,
-        )
+        if config.mode == "fedavg":
+            server = FederatedServer(
+                config,
+                mqtt=MqttConfig.from_url(url, client_id="cloud"),
+                test_set=test,
+                expected_devices=options.clients,
+                on_round=on_round,
+            )
+        else:
+            if resume:
+                raise ValueError(f"resume is not supported with mode={config.mode!r}")
+            server = _split_trainer(config, options, url, test, on_round)
         t0 = time.monotonic()
-        summary = server.run(resume=resume)
+        summary = server.run(resume=resume) if config.mode == "fedavg" else server.run()
         summary.update(
             clients=options.clients,
             partition=options.partition,
@@ -136,6 +142,39 @@ def simulate(
         _stop_workers(procs)
         if broker is not None:
             broker.stop()
+
+
+def _split_trainer(config, options, url, test, on_round):
+    """The split-learning trainer for ``config.mode``; prints the cost model's verdict first."""
+    from cloud.cost_model import describe, split_vs_fedavg_bytes
+    from cloud.split_trainer import SplitTrainer
+
+    trainer = SplitTrainer(
+        config,
+        mqtt=MqttConfig.from_url(url, client_id="cloud"),
+        test_set=test,
+        expected_devices=options.clients,
+        on_round=on_round,
+    )
+    shards, _ = federated_split(
+        config.dataset,
+        clients=options.clients,
+        scheme=options.partition,
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+    )
+    cost = split_vs_fedavg_bytes(
+        model=trainer.model,
+        cut=trainer.cut,
+        head_cut=trainer.head_cut,
+        mode=config.mode,
+        input_shape=trainer.spec.input_shape,
+        samples_per_client=[len(s) for s in shards],
+        epochs=config.local_epochs,
+        codec_bytes_per_value={"float32": 4, "fp16": 2, "int8": 1}[config.act_codec],
+    )
+    print(describe(cost), flush=True)
+    return trainer
 
 
 def _stop_workers(procs: list[subprocess.Popen], *, grace: float = 10.0) -> None:

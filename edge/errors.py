@@ -11,3 +11,7 @@ class ModelMismatchError(ValueError):
 
 class ArtifactMissingError(FileNotFoundError):
     """A model file the device needs (e.g. an ONNX variant) was never exported or is absent."""
+
+
+class SplitProtocolError(ValueError):
+    """A split-learning message from the cloud (gradient, logits) breaks the step protocol."""

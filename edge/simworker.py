@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, required=True, help="devices hosted by this worker")
     p.add_argument("--dropout", type=float, default=0.0, help="chance a device crashes per round")
     p.add_argument("--max-seconds", type=float, default=3600.0)
+    p.add_argument("--mode", default="fedavg", help="fedavg or a split-learning mode")
     return p
 
 
@@ -56,10 +57,19 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
     )
     ids = device_ids(args.clients)[args.first : args.first + args.count]
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+    split = args.mode != "fedavg"
+    # A split device blocks on the cloud every step, so each needs its own thread.
+    executor = ThreadPoolExecutor(
+        max_workers=args.count if split else 1, thread_name_prefix="train"
+    )
     agents = []
     for i, dev in zip(range(args.first, args.first + args.count), ids, strict=True):
         cfg = MqttConfig.from_url(args.broker, client_id=dev)
+        if split:
+            agent = _split_client(args, dev, cfg, shards[i], executor)
+            agent.start()
+            agents.append(agent)
+            continue
         agent = DeviceAgent(
             options=AgentOptions(
                 device_id=dev, prefix=args.prefix, vanish_prob=args.dropout, seed=args.seed
@@ -81,6 +91,15 @@ def run(args: argparse.Namespace) -> int:
             a.stop()
         executor.shutdown(wait=False, cancel_futures=True)
     return 0
+
+
+def _split_client(args, dev, cfg, shard, executor):
+    from edge.split_client import SplitClient, SplitClientOptions
+
+    options = SplitClientOptions(
+        device_id=dev, prefix=args.prefix, vanish_prob=args.dropout, seed=args.seed
+    )
+    return SplitClient(options=options, mqtt=cfg, x=shard.x, y=shard.y, executor=executor)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,267 @@
+"""The cloud's messages in split learning: step replies, uplink validation, presence.
+
+:class:`SplitMessaging` is the MQTT half of :class:`cloud.split_trainer.SplitTrainer`: every
+uplink message is decoded and checked here (run, sender, round, step id, tensor shapes, NaN),
+rejected with a one-line reason or queued for the cloud half; replies go out through a send
+pool so one slow device never stalls the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from cloud.config import FederatedConfig
+from cloud.devices import DeviceRegistry
+from cloud.errors import SplitProtocolError
+from cloud.round_state import RoundState
+from cloud.split_session import CloudHalf
+from cloud.split_steps import (
+    StepQueue,
+    decode_activation,
+    decode_logit_gradient,
+    grad_scale,
+    step_of,
+)
+from cloud.strategies import ClientUpdate, validate_update
+from converters.errors import TransportError, WireError
+from converters.mqtt import MqttEndpoint
+from converters.tensor_codec import decode_tensors, encode_tensors
+from converters.topics import Topics
+from converters.wire import Envelope, MsgType, decode, encode
+
+log = logging.getLogger(__name__)
+CLOUD_ID = "cloud"
+
+
+class SplitMessaging:
+    """Message handling shared by the split trainer; the subclass sets these attributes."""
+
+    config: FederatedConfig
+    topics: Topics
+    registry: DeviceRegistry
+    half: CloudHalf
+    split: object  # split.graph.SplitModel
+    device_params: dict
+    endpoint: MqttEndpoint
+    stray_rejected: int
+    round: int
+    session: str
+    _expect: dict
+    _work: StepQueue
+    _pool: ThreadPoolExecutor | None
+    _state: RoundState | None
+    _state_lock: threading.Lock
+    _seq: int
+    _seq_lock: threading.Lock
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
+
+    def _envelope(self, msg_type: MsgType, round_: int, meta: dict, body: bytes = b"") -> bytes:
+        env = Envelope(
+            type=msg_type,
+            run_id=self.config.run_id,
+            round=round_,
+            sender=CLOUD_ID,
+            seq=self._next_seq(),
+            meta=meta,
+            body=body,
+        )
+        return encode(env)
+
+    def _send(self, device: str, payload: bytes) -> None:
+        try:
+            self.endpoint.send(self.topics.down(device), payload, timeout=self.config.round_timeout)
+        except TransportError as exc:
+            log.warning("message for %s not delivered: %s", device, exc)
+            self._drop(device)
+
+    def _post(self, device: str, msg_type: MsgType, round_: int, meta: dict, tensors=None):
+        body = b""
+        if tensors is not None:
+            body = encode_tensors(tensors, codec=self.config.act_codec)
+        payload = self._envelope(msg_type, round_, meta, body)
+        pool = self._pool
+        if pool is None:
+            return  # the run is over: nobody waits for this reply any more
+        # Sends wait for the device's ack; a pool keeps one slow device from stalling the rest.
+        pool.submit(self._send, device, payload)
+
+    def _announce(self, msg_type: MsgType, status: str) -> None:
+        meta = {"session": self.session, "status": status, "rounds": self.config.rounds}
+        self.endpoint.publish_small(
+            self.topics.ctrl(), self._envelope(msg_type, self.round, meta), retain=True
+        )
+
+    # -- receiving (MQTT dispatcher thread) ------------------------------------------------
+
+    def _current(self) -> RoundState | None:
+        with self._state_lock:
+            return self._state
+
+    def _reject(self, reason: str, *, device: str | None = None, step=None, round_=0) -> None:
+        log.warning("rejected: %s", reason)
+        state = self._current()
+        if state is not None:
+            state.reject(reason)
+        else:
+            self.stray_rejected += 1
+        if device is not None and isinstance(step, int):
+            # The device is waiting on this step: tell it, so it does not wait out its timeout.
+            self._post(device, MsgType.ERROR, round_, {"error": reason[:500], "step": step})
+
+    def _drop(self, device: str) -> None:
+        self.half.drop(device)
+        state = self._current()
+        if state is not None and state.drop(device):
+            log.info("device %s dropped from round %d", device, state.round)
+
+    def _on_presence(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            _, device = self.topics.parse_device(topic)
+            online = json.loads(bytes(payload))["status"] == "online"
+        except (WireError, ValueError, KeyError, TypeError) as exc:
+            self._reject(f"{topic}: bad presence message: {exc}")
+            return
+        self.registry.set_presence(device, online)
+        if not online:
+            self._drop(device)
+
+    def _on_up(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            _, device = self.topics.parse_device(topic)
+            env = decode(payload, max_bytes=self.config.max_update_bytes, run_id=self.config.run_id)
+            if env.sender != device:
+                raise WireError(f"sender {env.sender!r} does not match topic device {device!r}")
+        except WireError as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        if env.type == MsgType.HELLO:
+            num = env.meta.get("num_samples", 0)
+            if (
+                isinstance(num, int)
+                and num >= 0
+                and self.registry.register(device, num_samples=num)
+            ):
+                log.info("device %s registered (%d samples)", device, num)
+            return
+        if env.type == MsgType.ERROR:
+            log.warning("device %s reports: %s", device, env.meta.get("error"))
+            self._drop(device)
+            return
+        state = self._current()
+        if state is None or env.round != state.round or device not in state.selected:
+            log.info(
+                "%s from %s for round %d outside its round; ignored",
+                env.type.name,
+                device,
+                env.round,
+            )
+            if state is not None:
+                with state.cond:
+                    state.late += 1
+            return
+        handler = {
+            MsgType.UPDATE: self._on_update,
+            MsgType.ACTIVATION: self._on_activation,
+            MsgType.LOGIT_GRADIENT: self._on_logit_gradient,
+        }.get(env.type)
+        if handler is None:
+            self._reject(f"{device}: unexpected message type {env.type.name} on the uplink")
+            return
+        handler(device, env, state)
+
+    def _on_activation(self, device: str, env: Envelope, state: RoundState) -> None:
+        try:
+            item = decode_activation(
+                device,
+                env,
+                batch_size=self.config.batch_size,
+                activation_shape=self.split.activation_shape,
+                with_labels=self.config.mode != "ushaped",
+            )
+        except (WireError, SplitProtocolError) as exc:
+            self._reject_step(device, env, f"ACTIVATION from {device}: {exc}")
+            return
+        self._work.put((MsgType.ACTIVATION, item, env))
+
+    def _on_logit_gradient(self, device: str, env: Envelope, state: RoundState) -> None:
+        try:
+            if self.config.mode != "ushaped":
+                raise SplitProtocolError("LOGIT_GRADIENT is only used in mode 'ushaped'")
+            shape = self.half.u_output_shape(device, step_of(device, env))
+            item = decode_logit_gradient(device, env, shape)
+        except (WireError, SplitProtocolError) as exc:
+            self._reject_step(device, env, f"LOGIT_GRADIENT from {device}: {exc}")
+            return
+        self._work.put((MsgType.LOGIT_GRADIENT, item, env))
+
+    def _reject_step(self, device: str, env: Envelope, reason: str) -> None:
+        step = env.meta.get("step")
+        step = step if isinstance(step, int) and not isinstance(step, bool) else None
+        self._reject(reason, device=device, step=step, round_=env.round)
+
+    def _on_update(self, device: str, env: Envelope, state: RoundState) -> None:
+        num = env.meta.get("num_samples")
+        try:
+            if not isinstance(num, int) or num <= 0:
+                raise SplitProtocolError(f"num_samples must be an int > 0, got {num!r}")
+            params = decode_tensors(env.body, expect=self._expect)
+            update = ClientUpdate(device, params, num, env.meta.get("metrics") or {})
+            validate_update(self.device_params, update)
+        except (WireError, ValueError) as exc:
+            self._reject(f"update from {device} for round {env.round}: {exc}")
+            return
+        reason = state.add_update(update)
+        if reason is not None:
+            log.info("update ignored: %s", reason)
+
+    # -- the cloud half (compute thread) ---------------------------------------------------
+
+    def _compute_loop(self) -> None:
+        for batch in self._work.batches():
+            state = self._current()
+            live = [
+                b for b in batch
+                if state is not None and b[2].round == state.round
+                and b[1].device in state.pending()
+            ]  # fmt: skip
+            if live:
+                self._serve(live)
+
+    def _serve(self, batch: list) -> None:
+        kind, items, envs = batch[0][0], [b[1] for b in batch], [b[2] for b in batch]
+        try:
+            if kind == MsgType.LOGIT_GRADIENT:
+                grads = [self.half.u_backward(items[0].device, items[0].step, items[0].activation)]
+                reply, names = MsgType.GRADIENT, "grad"
+            elif self.config.mode == "ushaped":
+                grads = [self.half.u_forward(items[0])]
+                reply, names = MsgType.LOGITS, "logits"
+            else:
+                grads = self.half.train_step(items)
+                reply, names = MsgType.GRADIENT, "grad"
+        except (SplitProtocolError, RuntimeError, ValueError) as exc:
+            for it, env in zip(items, envs, strict=True):
+                self._reject(
+                    f"{kind.name} from {it.device}: {exc}",
+                    device=it.device,
+                    step=it.step,
+                    round_=env.round,
+                )
+            return
+        for it, env, g in zip(items, envs, grads, strict=True):
+            meta = {"step": it.step, "epoch": env.meta.get("epoch", 0)}
+            if reply == MsgType.GRADIENT:
+                meta["scale"] = scale = grad_scale(g, self.config.act_codec)
+                g = g * np.float32(scale) if scale != 1 else g
+            self._post(it.device, reply, env.round, meta, {names: g})

@@ -1,0 +1,136 @@
+"""Split-learning step messages on the cloud: validated decoding and batching across devices."""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from cloud.errors import SplitProtocolError
+from cloud.split_session import StepInput
+from converters.tensor_codec import decode_tensors
+from converters.wire import Envelope, MsgType
+
+# (message type, decoded step, envelope it came in) - what the compute thread works on.
+Work = tuple[MsgType, StepInput, Envelope]
+
+
+def step_of(device: str, env: Envelope) -> int:
+    """The step id in ``env.meta``; raises SplitProtocolError unless it is an int >= 0."""
+    step = env.meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise SplitProtocolError(
+            f"{env.type.name} from {device}: meta.step must be an int >= 0, got {step!r}"
+        )
+    return step
+
+
+def decode_activation(
+    device: str,
+    env: Envelope,
+    *,
+    batch_size: int,
+    activation_shape: tuple[int, ...],
+    with_labels: bool,
+) -> StepInput:
+    """Decodes an ACTIVATION; shape, dtype and finiteness are checked by the tensor codec.
+
+    Raises:
+        SplitProtocolError: bad step or batch size in meta.
+        WireError: the body is not exactly ``activation`` (B, *activation_shape) float32 (and,
+            with labels, ``labels`` (B,) int64), or holds NaN/Inf.
+    """
+    step = step_of(device, env)
+    n = env.meta.get("batch")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= batch_size:
+        raise SplitProtocolError(
+            f"ACTIVATION from {device} step {step}: meta.batch must be an int in "
+            f"[1, {batch_size}], got {n!r}"
+        )
+    expect = {"activation": ((n, *activation_shape), "float32")}
+    if with_labels:
+        expect["labels"] = ((n,), "int64")
+    tensors = decode_tensors(env.body, expect=expect)
+    return StepInput(device, step, tensors["activation"], tensors.get("labels"))
+
+
+def grad_scale(grad: np.ndarray, codec: str) -> float:
+    """A power of two lifting fp16 gradients out of the subnormal range (as in mixed-precision
+    loss scaling): gradients at the cut are ~1e-4, where fp16 keeps only a few bits. Powers of
+    two scale exactly; other codecs (float32; int8 with its own scales) get 1."""
+    peak = float(np.abs(grad).max(initial=0.0))
+    if codec != "fp16" or not 0 < peak < math.inf:
+        return 1.0
+    return float(2.0 ** min(40, max(-40, math.floor(math.log2(2.0**14 / peak)))))
+
+
+def unscale(device: str, env: Envelope, grad: np.ndarray) -> np.ndarray:
+    """Undoes :func:`grad_scale` using ``meta.scale``; anything but a power of two is refused."""
+    scale = env.meta.get("scale", 1.0)
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf
+    if not ok or math.frexp(scale)[0] != 0.5 or not 2.0**-40 <= scale <= 2.0**40:
+        raise SplitProtocolError(
+            f"{env.type.name} from {device}: meta.scale must be a power of two in "
+            f"[2**-40, 2**40], got {scale!r}"
+        )
+    return grad / np.float32(scale) if scale != 1 else grad
+
+
+def decode_logit_gradient(device: str, env: Envelope, shape: tuple[int, ...]) -> StepInput:
+    """Decodes a LOGIT_GRADIENT whose ``grad`` must have the pending middle output's shape."""
+    step = step_of(device, env)
+    grad = decode_tensors(env.body, expect={"grad": (shape, "float32")})["grad"]
+    return StepInput(device, step, unscale(device, env, grad), None)
+
+
+class StepQueue:
+    """Work for the cloud half, grouped so that one call can serve many devices.
+
+    Args:
+        window: seconds to wait, after the first ACTIVATION, for other devices' ACTIVATIONs
+            to join the same call; 0 serves one message at a time.
+        max_devices: most devices per call.
+        active: how many devices are training right now; the window closes early once each
+            of them has a step in the batch, since no other activation can arrive.
+    """
+
+    def __init__(
+        self, *, window: float, max_devices: int, active: Callable[[], int] | None = None
+    ) -> None:
+        self.window, self.max_devices = window, max_devices
+        self._active = active or (lambda: max_devices)
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, item: Work) -> None:
+        self._q.put(item)
+
+    def close(self) -> None:
+        self._q.put(None)
+
+    def batches(self) -> Iterator[list[Work]]:
+        """Yields lists of work items until :meth:`close`; batched ones are all ACTIVATIONs
+        from distinct devices (a device has one step in flight, so a repeat must wait)."""
+        carry: list = []
+        while True:
+            first = carry.pop(0) if carry else self._q.get()
+            if first is None:
+                return
+            batch = [first]
+            if self.window > 0 and first[0] == MsgType.ACTIVATION:
+                devices = {first[1].device}
+                deadline = time.monotonic() + self.window
+                while len(batch) < min(self.max_devices, self._active()):
+                    left = deadline - time.monotonic()
+                    try:
+                        item = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None or item[0] != MsgType.ACTIVATION or item[1].device in devices:
+                        carry.append(item)
+                        break
+                    devices.add(item[1].device)
+                    batch.append(item)
+            yield batch

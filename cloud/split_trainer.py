@@ -1,0 +1,331 @@
+"""The cloud trainer for split learning over MQTT: vanilla, U-shaped and SplitFed V1/V2 rounds.
+
+Each round the cloud sends each selected device its half (MODEL), then serves the device's
+steps: ACTIVATION in, GRADIENT (or, U-shaped, LOGITS then GRADIENT after LOGIT_GRADIENT) out,
+every message tagged with the step id. vanilla and U-shaped devices take turns, the device half
+relayed from one to the next (Gupta & Raskar 2018; Vepakomma et al. 2018); SplitFed devices run
+in parallel and their halves are averaged by samples (Thapa et al. 2020). Bad messages are
+rejected with a one-line reason and counted; a vanished device's session is dropped; the round
+goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from cloud.config import FederatedConfig
+from cloud.devices import DeviceRegistry
+from cloud.report import RunReport
+from cloud.round_state import RoundState
+from cloud.split_messaging import SplitMessaging
+from cloud.split_session import PARALLEL_MODES, SPLIT_MODES, CloudHalf
+from cloud.split_steps import StepQueue
+from cloud.strategies import ClientUpdate, get_strategy
+from converters.datasets import Dataset
+from converters.errors import ConfigError
+from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.tensor_codec import encode_tensors
+from converters.topics import Topics
+from converters.wire import MsgType
+
+log = logging.getLogger(__name__)
+
+
+def resolve_cuts(config: FederatedConfig, model, spec) -> tuple[str, str | None]:
+    """The run's (cut, head_cut): the zoo default cut; U-shaped defaults to the last cut point."""
+    import torch
+
+    from split.graph import valid_cuts
+
+    cut = config.cut or spec.default_cut
+    head_cut = config.head_cut
+    if config.mode == "ushaped" and head_cut is None:
+        head_cut = valid_cuts(model, torch.zeros(2, *spec.input_shape))[-1]
+    if config.mode != "ushaped" and head_cut is not None:
+        raise ConfigError(f"head_cut is only used with mode='ushaped', got mode={config.mode!r}")
+    return cut, head_cut
+
+
+class SplitTrainer(SplitMessaging):
+    """Runs split-learning rounds against devices (:class:`edge.split_client.SplitClient`).
+
+    Args:
+        config: the run's settings; ``config.mode`` picks the topology.
+        mqtt: connection to the broker.
+        test_set: held-out data the merged model is evaluated on after each round.
+        expected_devices: devices to wait for before round 1.
+        on_round: called with each round's metrics row.
+        batch_window: SplitFed V2: seconds to wait for more devices' activations to serve them
+            in ONE cloud forward/backward; 0 serves one device at a time.
+        max_batch_devices: most devices served by one cloud call.
+    """
+
+    def __init__(
+        self,
+        config: FederatedConfig,
+        *,
+        mqtt: MqttConfig,
+        test_set: Dataset,
+        expected_devices: int | None = None,
+        on_round: Callable[[dict], None] | None = None,
+        batch_window: float = 0.005,
+        max_batch_devices: int = 32,
+    ) -> None:
+        import torch
+
+        from split.graph import split_model
+        from split.zoo import build_model
+
+        if config.mode not in SPLIT_MODES:
+            raise ConfigError(f"mode must be one of {', '.join(SPLIT_MODES)}, got {config.mode!r}")
+        if config.dp != "none" or config.strategy != "fedavg":
+            raise ConfigError(
+                f"mode={config.mode!r} supports dp='none' and strategy='fedavg' only, got "
+                f"dp={config.dp!r}, strategy={config.strategy!r}"
+            )
+        if batch_window < 0 or max_batch_devices < 1:
+            raise ValueError(
+                f"batch_window must be >= 0 and max_batch_devices >= 1, got {batch_window}, "
+                f"{max_batch_devices}"
+            )
+        self.config = config
+        self.topics = Topics(prefix=config.prefix)
+        self.test = test_set
+        self.expected = expected_devices or config.min_clients
+        self.on_round = on_round
+        self.batch_window = batch_window if config.mode == "splitfed-v2" else 0.0
+        self.max_batch_devices = max_batch_devices
+        self.registry = DeviceRegistry()
+        self.model, self.spec = build_model(config.model, seed=config.seed)
+        self.cut, self.head_cut = resolve_cuts(config, self.model, self.spec)
+        example = torch.zeros(2, *self.spec.input_shape)
+        self.split = split_model(
+            self.model, cut=self.cut, example_input=example, head_cut=self.head_cut
+        )
+        device_modules = [self.split.edge] + ([self.split.head] if self.split.head else [])
+        # What devices hold and the cloud relays or averages: edge (+ head) state, model names.
+        self.device_params = {
+            k: v.detach().numpy().copy() for m in device_modules for k, v in m.state_dict().items()
+        }
+        self._expect = {k: (v.shape, str(v.dtype)) for k, v in self.device_params.items()}
+        self.half = CloudHalf(
+            mode=config.mode,
+            module=self.split.cloud,
+            lr=config.lr,
+            momentum=config.momentum,
+            num_classes=self.spec.num_classes,
+        )
+        self.fedavg = get_strategy("fedavg")
+        self.rng = np.random.default_rng(config.seed)
+        self.round = 0
+        self.session = secrets.token_hex(8)
+        self.report = RunReport(config.out_dir)
+        self.stray_rejected = 0
+        self._state: RoundState | None = None
+        self._state_lock = threading.Lock()
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._work = StepQueue(
+            window=self.batch_window, max_devices=max_batch_devices, active=self._active
+        )
+        self._torch = torch
+        self._pool: ThreadPoolExecutor | None = None
+        self.endpoint = MqttEndpoint(mqtt)
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    def _active(self) -> int:
+        state = self._current()
+        if state is None:
+            return 1
+        with state.cond:
+            return len(state.pending())
+
+    def _model_meta(self) -> dict:
+        cfg = self.config
+        return {
+            "model": cfg.model,
+            "session": self.session,
+            "mode": cfg.mode,
+            "cut": self.cut,
+            "head_cut": self.head_cut,
+            "config": {
+                "epochs": cfg.local_epochs,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "momentum": cfg.momentum,
+                "act_codec": cfg.act_codec,
+            },
+        }
+
+    def _send_model(self, device: str, round_: int) -> None:
+        body = encode_tensors(self.device_params, codec="float32")
+        payload = self._envelope(MsgType.MODEL, round_, self._model_meta(), body)
+        self._pool.submit(self._send, device, payload)
+
+    @staticmethod
+    def _wait(state: RoundState, devices: set[str], deadline: float) -> None:
+        with state.cond:
+            while devices & state.pending() and time.monotonic() < deadline:
+                state.cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _select(self) -> list[str]:
+        cfg = self.config
+        if len(self.registry.online()) < cfg.min_clients:
+            self.registry.wait_for(cfg.min_clients, timeout=cfg.register_timeout)
+        online = self.registry.online()
+        k = min(cfg.clients_per_round or int(np.ceil(cfg.fraction * len(online))), len(online))
+        return sorted(self.rng.choice(online, size=k, replace=False).tolist()) if k else []
+
+    def _run_round(self) -> dict:
+        cfg = self.config
+        t0 = time.monotonic()
+        deadline = t0 + cfg.round_timeout
+        sent0, recv0 = self.endpoint.stats.bytes_sent, self.endpoint.stats.bytes_received
+        stats0 = self.half.stats.snapshot()
+        selected = self._select()
+        log.debug("round %d: selected %s", self.round, selected)
+        state = RoundState(round=self.round, selected=frozenset(selected))
+        self.half.begin_round()
+        with self._state_lock:
+            self._state = state
+        self._announce(MsgType.ROUND_START, "running")
+        if cfg.mode in PARALLEL_MODES:
+            for device in selected:
+                self._send_model(device, state.round)
+            self._wait(state, set(selected), deadline)
+        else:
+            for device in selected:  # devices take turns; the device half is relayed
+                self._send_model(device, state.round)
+                self._wait(state, {device}, deadline)
+                with state.cond:
+                    update = state.updates.get(device)
+                if update is not None:
+                    self.device_params = update.params
+        with self._state_lock:
+            self._state = None
+        for device in state.pending():
+            self.half.drop(device)
+        with state.cond:
+            updates = sorted(state.updates.values(), key=lambda u: u.client_id)
+            row = {
+                "round": self.round,
+                "mode": cfg.mode,
+                "clients_selected": len(selected),
+                "clients_ok": len(updates),
+                "clients_dropped": len(state.dropped),
+                "clients_timed_out": len(state.pending()),
+                "rejected": state.rejected,
+                "late": state.late,
+                "duplicates": state.duplicates,
+            }
+        if updates and len(updates) >= min(cfg.min_clients, len(selected)):
+            self._aggregate(updates)
+            acc, loss = self._evaluate()
+            row.update(status="ok", accuracy=acc, loss=loss)
+        else:
+            log.warning(
+                "round %d failed: %d of %d devices finished",
+                self.round,
+                len(updates),
+                len(selected),
+            )
+            row.update(status="failed", accuracy=None, loss=None)
+        stats = self.half.stats.snapshot()
+        seconds = time.monotonic() - t0
+        samples = stats["cloud_samples"] - stats0["cloud_samples"]
+        calls = stats["cloud_calls"] - stats0["cloud_calls"]
+        row.update(
+            bytes_up=self.endpoint.stats.bytes_received - recv0,
+            bytes_down=self.endpoint.stats.bytes_sent - sent0,
+            seconds=seconds,
+            samples=samples,
+            samples_per_s=samples / seconds if seconds > 0 else 0.0,
+            cloud_calls=calls,
+            cloud_compute_seconds=stats["cloud_compute_seconds"] - stats0["cloud_compute_seconds"],
+        )
+        return row
+
+    def _aggregate(self, updates: list[ClientUpdate]) -> None:
+        cfg = self.config
+        if cfg.mode in PARALLEL_MODES:
+            self.device_params = self.fedavg.aggregate(self.device_params, updates)
+        if cfg.mode == "splitfed-v1":
+            copies = self.half.copies()
+            done = [u for u in updates if u.client_id in copies]
+            if done:
+                base = {k: v.detach().numpy() for k, v in self.split.cloud.state_dict().items()}
+                cloud_updates = [
+                    ClientUpdate(u.client_id, copies[u.client_id], u.num_samples) for u in done
+                ]
+                merged = self.fedavg.aggregate(base, cloud_updates)
+                self._load(self.split.cloud, merged)
+
+    def _load(self, module, params: dict) -> None:
+        torch = self._torch
+        module.load_state_dict(
+            {k: torch.from_numpy(np.array(v, copy=True)) for k, v in params.items()}, strict=False
+        )
+
+    def _evaluate(self) -> tuple[float, float]:
+        from split.train import evaluate
+
+        self._load(
+            self.split.edge,
+            {k: v for k, v in self.device_params.items() if k in self.split.edge.state_dict()},
+        )
+        if self.split.head is not None:
+            self._load(
+                self.split.head,
+                {k: v for k, v in self.device_params.items() if k in self.split.head.state_dict()},
+            )
+        return evaluate(self.split, self.test.x, self.test.y)
+
+    def run(self) -> dict:
+        """Runs every round; returns the summary (also written to summary.json)."""
+        cfg = self.config
+        self.endpoint.connect()
+        self.endpoint.subscribe(self.topics.presence_wildcard(), self._on_presence)
+        self.endpoint.subscribe(self.topics.up_wildcard(), self._on_up)
+        worker = threading.Thread(target=self._compute_loop, name="split-cloud", daemon=True)
+        worker.start()
+        try:
+            with ThreadPoolExecutor(max_workers=32, thread_name_prefix="send") as pool:
+                self._pool = pool
+                self._announce(MsgType.ROUND_START, "registering")
+                n = self.registry.wait_for(self.expected, timeout=cfg.register_timeout)
+                log.info("%d device(s) online, %d expected", n, self.expected)
+                while self.round < cfg.rounds:
+                    self.round += 1
+                    row = self._run_round()
+                    self.report.add(row)
+                    if self.on_round is not None:
+                        self.on_round(row)
+                self._announce(MsgType.BYE, "finished")
+        finally:
+            self._pool = None
+            self._work.close()
+            worker.join(timeout=5)
+            self.endpoint.close()
+        self.report.plot()
+        return self.report.summary(
+            {
+                "run_id": cfg.run_id,
+                "model": cfg.model,
+                "mode": cfg.mode,
+                "cut": self.cut,
+                "head_cut": self.head_cut,
+                "act_codec": cfg.act_codec,
+                "dp": "none",
+                "strategy": "fedavg",
+                "stray_rejected": self.stray_rejected,
+                "cloud_samples": sum(r.get("samples", 0) for r in self.report.rows),
+            }
+        )

@@ -1,0 +1,467 @@
+"""The device side of split learning over MQTT: trains its half step by step with the cloud.
+
+Per batch the device runs its edge half to the cut and sends the activation (ACTIVATION, with
+the labels only in vanilla / SplitFed); the cloud answers with the gradient at the cut
+(GRADIENT) for the same step id. U-shaped, the device also holds the head: the cloud answers
+the activation with its middle output (LOGITS), the device computes the loss itself and sends
+the gradient of that output (LOGIT_GRADIENT), so labels and predictions never leave it. Torch
+is imported only when the first round starts, so ``import edge.split_client`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import queue
+import threading
+import time
+import zlib
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from converters.errors import TransportError, WireError
+from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.tensor_codec import decode_tensors, encode_tensors
+from converters.topics import Topics, validate_device_id
+from converters.wire import Envelope, MsgType, decode, encode
+from edge.agent import presence_payload
+from edge.errors import SplitProtocolError
+
+log = logging.getLogger(__name__)
+
+_STEP_REPLIES = (MsgType.GRADIENT, MsgType.LOGITS, MsgType.ERROR)
+# torch.fx tracing patches nn.Module.__call__ process-wide, so any forward running in another
+# thread meanwhile fails ("module is not installed as a submodule"). Each process therefore
+# traces a model once, under a lock, and every device gets a deep copy of that template.
+_BUILD_LOCK = threading.Lock()
+_TEMPLATES: dict[tuple, object] = {}
+
+
+def _grad_scale(grad: np.ndarray, codec: str) -> float:
+    """Power-of-two scale keeping fp16 gradients out of fp16's subnormal range (the cloud's
+    ``cloud.split_steps.grad_scale``; edge must not import cloud)."""
+    peak = float(np.abs(grad).max(initial=0.0))
+    if codec != "fp16" or not 0 < peak < math.inf:
+        return 1.0
+    return float(2.0 ** min(40, max(-40, math.floor(math.log2(2.0**14 / peak)))))
+
+
+def _parse_model_meta(meta: dict) -> tuple[dict, str, str, str | None]:
+    """(config, mode, cut, head_cut) of a MODEL message, or SplitProtocolError naming the field."""
+    cfg, mode, cut, head_cut = (meta.get(k) for k in ("config", "mode", "cut", "head_cut"))
+    if (
+        not isinstance(cfg, dict)
+        or not isinstance(cut, str)
+        or not isinstance(meta.get("model"), str)
+    ):
+        raise SplitProtocolError("MODEL needs meta.model, meta.cut (str) and meta.config (object)")
+    if mode not in ("vanilla", "ushaped", "splitfed-v1", "splitfed-v2"):
+        raise SplitProtocolError(f"MODEL meta.mode must be a split mode, got {mode!r}")
+    if (mode == "ushaped") != (head_cut is not None):
+        raise SplitProtocolError(
+            f"MODEL meta.head_cut must be set in mode 'ushaped' only, got {head_cut!r}"
+        )
+    return cfg, mode, cut, head_cut
+
+
+def _check_scale(scale, what: str) -> float:
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf
+    if not ok or math.frexp(scale)[0] != 0.5 or not 2.0**-40 <= scale <= 2.0**40:
+        raise SplitProtocolError(
+            f"{what} meta.scale must be a power of two in [2**-40, 2**40], got {scale!r}"
+        )
+    return float(scale)
+
+
+def device_seed(device_id: str) -> int:
+    """The device's base seed (process-independent, unlike Python's salted ``hash``)."""
+    return zlib.crc32(device_id.encode()) % 2**31
+
+
+def round_seed(device_id: str, round_: int) -> int:
+    """Seeds the batch order of one round, as :class:`edge.local_train.LocalTrainer` does."""
+    return device_seed(device_id) * 100_003 + round_
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitClientOptions:
+    """How a device takes part in split learning.
+
+    Attributes:
+        device_id: MQTT-safe id, also the MQTT client id.
+        prefix: topic prefix shared with the cloud.
+        send_timeout: seconds to deliver one message.
+        step_timeout: seconds to wait for the cloud's reply to one step before giving up the round.
+        max_message_bytes: larger downlink messages are rejected before parsing.
+        vanish_prob: simulation only; chance per round that the device crashes mid-epoch.
+        seed: seeds the simulated crashes.
+    """
+
+    device_id: str
+    prefix: str = "edgesplit"
+    send_timeout: float = 60.0
+    step_timeout: float = 30.0
+    max_message_bytes: int = 256 * 2**20
+    vanish_prob: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device_id)
+        if not 0 <= self.vanish_prob <= 1:
+            raise ValueError(f"vanish_prob must be in [0, 1], got {self.vanish_prob}")
+        for name in ("send_timeout", "step_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class _CrashedError(Exception):
+    """Simulation: the device vanished mid-epoch."""
+
+
+class SplitClient:
+    """One device in split learning: an MQTT connection, local data and its model half(s).
+
+    Args:
+        options: identity and behaviour.
+        mqtt: broker connection (client_id must equal the device id).
+        x: local inputs; y: local labels. Neither ever leaves the device in U-shaped mode.
+        executor: where rounds run; each device needs its own thread while it waits for the
+            cloud, so the default is a private one.
+    """
+
+    def __init__(
+        self,
+        *,
+        options: SplitClientOptions,
+        mqtt: MqttConfig,
+        x: np.ndarray,
+        y: np.ndarray,
+        executor: Executor | None = None,
+    ) -> None:
+        if mqtt.client_id != options.device_id:
+            raise ValueError(
+                f"mqtt.client_id must equal device_id {options.device_id!r}, got {mqtt.client_id!r}"
+            )
+        self.options = options
+        self.id = options.device_id
+        self.topics = Topics(prefix=options.prefix)
+        self.x, self.y = x, y
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1)
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: tuple[str, int, int] | None = None  # (run_id, round, step) awaited
+        self._done: set[tuple] = set()
+        self._session: str | None = None
+        self._rng = np.random.default_rng([options.seed, device_seed(self.id)])
+        self._halves = None  # (model_ref, cut, head_cut) -> torch modules, built lazily
+        self._codec = "float32"
+        self._stopping = False
+        self.finished = threading.Event()
+        self.rounds_trained = 0
+        self.steps = 0
+        self.rejected = 0
+        self.reasons: list[str] = []
+        self.crashes = 0
+        self.endpoint = MqttEndpoint(
+            mqtt,
+            will=(self.topics.presence(self.id), presence_payload(self.id, "offline")),
+            on_connect=self._on_connect,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        self.endpoint.connect(timeout=timeout)
+        self.endpoint.subscribe(self.topics.down(self.id), self._on_down)
+        self.endpoint.subscribe(self.topics.ctrl(), self._on_ctrl)
+        self.endpoint.subscribe(self.topics.presence(self.id), self._on_own_presence)
+        self._announce()
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(TransportError):
+            self.endpoint.publish_small(
+                self.topics.presence(self.id), presence_payload(self.id, "offline"), retain=True
+            )
+        self.endpoint.close()
+        self._replies.put(None)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _on_own_presence(self, topic: str, sender: str, payload: bytes) -> None:
+        # After a crash our last will ("offline") can reach the broker after the reconnect's
+        # "online"; seeing it while connected, we say "online" again or the cloud forgets us.
+        if not self._stopping and b'"offline"' in bytes(payload) and self.endpoint.connected:
+            with contextlib.suppress(TransportError):
+                self._announce()
+
+    def _on_connect(self) -> None:
+        with contextlib.suppress(TransportError):
+            self._announce()
+
+    def _announce(self) -> None:
+        if not self.endpoint.connected:
+            return
+        self.endpoint.publish_small(
+            self.topics.presence(self.id), presence_payload(self.id, "online"), retain=True
+        )
+        hello = Envelope(
+            type=MsgType.HELLO,
+            run_id="",
+            round=0,
+            sender=self.id,
+            seq=self._next_seq(),
+            meta={"num_samples": len(self.y), "train": True, "split": True},
+        )
+        self.endpoint.publish_small(self.topics.up(self.id), encode(hello))
+
+    def _next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    # -- incoming (MQTT dispatcher thread) -------------------------------------------------
+
+    def _reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.reasons.append(reason)
+        log.warning("%s: rejected: %s", self.id, reason)
+
+    def _on_ctrl(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            env = decode(payload, max_bytes=64 * 1024)
+        except WireError as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        session = env.meta.get("session")
+        if env.type == MsgType.BYE:
+            self.finished.set()
+        elif env.type == MsgType.ROUND_START and session and session != self._session:
+            self._session = session
+            self._announce()
+
+    def _on_down(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            env = decode(payload, max_bytes=self.options.max_message_bytes)
+        except WireError as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        if env.type == MsgType.MODEL:
+            key = (env.run_id, env.round, env.meta.get("session"))
+            with self._lock:
+                if key in self._done:
+                    self._reject(f"duplicate MODEL for run {env.run_id} round {env.round}")
+                    return
+                self._done.add(key)
+            self._executor.submit(self._round, env)
+        elif env.type in _STEP_REPLIES:
+            self._on_step_reply(env)
+        elif env.type == MsgType.BYE:
+            self.finished.set()
+        else:
+            self._reject(f"unexpected message type {env.type.name} on the downlink")
+
+    def _on_step_reply(self, env: Envelope) -> None:
+        step = env.meta.get("step")
+        with self._lock:
+            pending = self._pending
+        if pending is None or (env.run_id, env.round, step) != pending:
+            want = (
+                "none"
+                if pending is None
+                else f"run {pending[0]} round {pending[1]} step {pending[2]}"
+            )
+            if env.type == MsgType.ERROR:
+                log.warning("%s: cloud error for step %r: %s", self.id, step, env.meta.get("error"))
+            self._reject(
+                f"{env.type.name} for unknown step {step!r} (run {env.run_id} round {env.round});"
+                f" pending: {want}"
+            )
+            return
+        self._replies.put(env)
+
+    # -- one round (executor thread) -------------------------------------------------------
+
+    def _round(self, env: Envelope) -> None:
+        try:
+            self._train(env)
+        except _CrashedError:
+            log.info("%s: simulated crash in round %d", self.id, env.round)
+        except (WireError, SplitProtocolError, ValueError, TimeoutError) as exc:
+            self._reject(f"round {env.round}: {exc}")
+            self._send_error(env, str(exc))
+        except TransportError as exc:
+            log.warning("%s: round %d aborted: %s", self.id, env.round, exc)
+        except Exception:  # a bug in training must not kill the device's worker
+            log.exception("%s: round %d failed", self.id, env.round)
+        finally:
+            with self._lock:
+                self._pending = None
+
+    def _exchange(self, env: Envelope, step: int, kind: MsgType, meta: dict, tensors: dict):
+        """Sends one step message and returns the cloud's reply envelope for that step."""
+        with self._lock:
+            self._pending = (env.run_id, env.round, step)
+        # Drop stale replies of a previous step (e.g. one that timed out).
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._replies.get_nowait()
+        msg = env.reply(
+            type=kind,
+            sender=self.id,
+            seq=self._next_seq(),
+            meta={"step": step, **meta},
+            body=encode_tensors(tensors, codec=self._codec),
+        )
+        self.endpoint.send(self.topics.up(self.id), encode(msg), timeout=self.options.send_timeout)
+        try:
+            reply = self._replies.get(timeout=self.options.step_timeout)
+        except queue.Empty:
+            raise TimeoutError(
+                f"step {step}: no reply from the cloud within {self.options.step_timeout} s"
+            ) from None
+        if reply is None:
+            raise TransportError("device stopped")
+        if reply.type == MsgType.ERROR:
+            raise SplitProtocolError(f"cloud refused step {step}: {reply.meta.get('error')}")
+        return reply
+
+    def _reply_tensor(self, reply: Envelope, want: MsgType, name: str, shape) -> np.ndarray:
+        if reply.type != want:
+            raise SplitProtocolError(f"expected {want.name} for the step, got {reply.type.name}")
+        t = decode_tensors(reply.body, expect={name: (tuple(shape), "float32")})[name]
+        scale = _check_scale(reply.meta.get("scale", 1.0), want.name)
+        return t / np.float32(scale) if scale != 1 else t
+
+    def _build(self, model_ref: str, cut: str, head_cut: str | None):
+        import torch
+
+        from split.graph import split_model
+        from split.zoo import build_model
+
+        key = (model_ref, cut, head_cut)
+        if self._halves is None or self._halves[0] != key:
+            with _BUILD_LOCK:
+                if key not in _TEMPLATES:
+                    model, spec = build_model(model_ref, seed=0)  # weights come from the cloud
+                    example = torch.zeros(2, *spec.input_shape)
+                    _TEMPLATES[key] = split_model(
+                        model, cut=cut, example_input=example, head_cut=head_cut
+                    )
+                sm = copy.deepcopy(_TEMPLATES[key])
+            self._halves = (key, sm)
+        return self._halves[1]
+
+    def _train(self, env: Envelope) -> None:
+        import torch
+
+        meta = env.meta
+        cfg, mode, cut, head_cut = _parse_model_meta(meta)
+        sm = self._build(meta["model"], cut, head_cut)
+        mods = [sm.edge] + ([sm.head] if sm.head is not None else [])
+        expect = {
+            k: (tuple(v.shape), v.numpy().dtype.name)
+            for m in mods
+            for k, v in m.state_dict().items()
+        }
+        params = decode_tensors(env.body, expect=expect)
+        for m in mods:
+            own = m.state_dict()
+            m.load_state_dict({k: torch.from_numpy(params[k]) for k in own})
+        self._codec = str(cfg.get("act_codec", "float32"))
+        epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])
+        lr, momentum = float(cfg["lr"]), float(cfg.get("momentum", 0.0))
+        opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in mods]
+        n = len(self.y)
+        steps_per_epoch = -(-n // bs)
+        crash_at = None
+        if self.options.vanish_prob and self._rng.random() < self.options.vanish_prob:
+            crash_at = int(self._rng.integers(1, steps_per_epoch + 1))  # mid first epoch
+        order_rng = np.random.default_rng(round_seed(self.id, env.round))
+        xt = torch.as_tensor(np.asarray(self.x), dtype=torch.float32)
+        t0, step, losses = time.perf_counter(), 0, []
+        for m in mods:
+            m.train()
+        for epoch in range(epochs):
+            order = order_rng.permutation(n)
+            losses = []
+            for start in range(0, n, bs):
+                idx = order[start : start + bs]
+                step += 1
+                if step == crash_at:
+                    self.crashes += 1
+                    self.endpoint.drop_connection()  # the broker fires our last will
+                    raise _CrashedError
+                yb = np.asarray(self.y[idx], dtype=np.int64)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                meta = {"epoch": epoch, "batch": len(idx)}
+                loss = self._step(env, step, meta, sm, xt[idx], yb)
+                if loss is not None:
+                    losses.append(loss * len(idx))
+                for o in opts:
+                    o.step()
+                self.steps += 1
+        metrics = {"steps": step, "train_seconds": time.perf_counter() - t0, "samples": n}
+        if losses:
+            metrics["loss"] = sum(losses) / n
+        new = {k: v.detach().numpy().copy() for m in mods for k, v in m.state_dict().items()}
+        update = env.reply(
+            type=MsgType.UPDATE,
+            sender=self.id,
+            seq=self._next_seq(),
+            meta={"num_samples": n, "metrics": metrics},
+            body=encode_tensors(new, codec="float32"),
+        )
+        self.endpoint.send(
+            self.topics.up(self.id), encode(update), timeout=self.options.send_timeout
+        )
+        self.rounds_trained += 1
+
+    def _step(self, env: Envelope, step: int, meta: dict, sm, xb, yb: np.ndarray):
+        """One batch through the protocol; leaves the gradients in the device's halves.
+
+        Returns:
+            U-shaped: the batch's mean loss (computed here); otherwise None (the cloud has it).
+        """
+        import torch
+
+        act = sm.edge(xb)
+        a_np = act.detach().numpy()
+        loss_value = None
+        if sm.head is not None:
+            reply = self._exchange(env, step, MsgType.ACTIVATION, meta, {"activation": a_np})
+            shape = (len(yb), *sm.head_activation_shape)
+            mid = torch.from_numpy(self._reply_tensor(reply, MsgType.LOGITS, "logits", shape))
+            mid.requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(sm.head(mid), torch.from_numpy(yb))
+            loss.backward()
+            loss_value = float(loss.detach())
+            g = mid.grad.numpy()
+            scale = _grad_scale(g, self._codec)
+            tensors = {"grad": g * np.float32(scale) if scale != 1 else g}
+            meta = {**meta, "scale": scale}
+            reply = self._exchange(env, step, MsgType.LOGIT_GRADIENT, meta, tensors)
+        else:
+            tensors = {"activation": a_np, "labels": yb}
+            reply = self._exchange(env, step, MsgType.ACTIVATION, meta, tensors)
+        act.backward(
+            torch.from_numpy(self._reply_tensor(reply, MsgType.GRADIENT, "grad", a_np.shape))
+        )
+        return loss_value
+
+    def _send_error(self, env: Envelope, reason: str) -> None:
+        with contextlib.suppress(TransportError, WireError):
+            err = env.reply(
+                type=MsgType.ERROR,
+                sender=self.id,
+                seq=self._next_seq(),
+                meta={"error": reason[:500]},
+            )
+            self.endpoint.publish_small(self.topics.up(self.id), encode(err))

@@ -1,0 +1,103 @@
+"""SplitClient without a broker: torch-free import, step bookkeeping, option validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from converters.mqtt import MqttConfig
+from converters.tensor_codec import encode_tensors
+from converters.wire import Envelope, MsgType, encode
+from edge.split_client import SplitClient, SplitClientOptions, device_seed, round_seed
+
+
+def _client() -> SplitClient:
+    return SplitClient(
+        options=SplitClientOptions(device_id="pi-01", prefix="t"),
+        mqtt=MqttConfig(client_id="pi-01", port=1),  # never connected
+        x=np.zeros((4, 1, 8, 8), np.float32),
+        y=np.arange(4),
+    )
+
+
+def _grad(step, round_=1, run_id="r") -> bytes:
+    env = Envelope(
+        type=MsgType.GRADIENT, run_id=run_id, round=round_, sender="cloud", seq=1,
+        meta={"step": step}, body=encode_tensors({"grad": np.zeros((4, 64), np.float32)}),
+    )  # fmt: skip
+    return encode(env)
+
+
+def test_split_client_imports_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None; import edge.split_client; "
+        "print(sys.modules.get('torch', 'absent') is None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_gradient_for_unknown_step_is_rejected_with_reason():
+    c = _client()
+    try:
+        c._on_down("t/down/pi-01", "cloud", _grad(7))
+        assert c.rejected == 1
+        assert "GRADIENT for unknown step 7" in c.reasons[0] and "pending: none" in c.reasons[0]
+        c._pending = ("r", 1, 8)
+        c._on_down("t/down/pi-01", "cloud", _grad(7))  # old step
+        c._on_down("t/down/pi-01", "cloud", _grad(8, round_=2))  # right step, wrong round
+        c._on_down("t/down/pi-01", "cloud", _grad(8, run_id="other"))  # wrong run
+        assert c.rejected == 4 and "\n" not in "".join(c.reasons)
+        c._on_down("t/down/pi-01", "cloud", _grad(8))  # the awaited one is taken
+        assert c.rejected == 4
+        assert c._replies.get_nowait().meta["step"] == 8
+    finally:
+        c.endpoint.close()
+
+
+def test_options_are_validated_and_seeds_are_stable():
+    with pytest.raises(ValueError, match="vanish_prob must be in"):
+        SplitClientOptions(device_id="pi-01", vanish_prob=2.0)
+    with pytest.raises(ValueError, match="step_timeout must be > 0"):
+        SplitClientOptions(device_id="pi-01", step_timeout=0)
+    with pytest.raises(ValueError, match="device_id"):
+        SplitClientOptions(device_id="bad/id")
+    assert device_seed("dev-0000") == device_seed("dev-0000") != device_seed("dev-0001")
+    assert round_seed("dev-0000", 2) == round_seed("dev-0000", 1) + 1
+
+
+def test_devices_of_one_process_build_their_halves_concurrently():
+    # fx tracing patches nn.Module.__call__ process-wide; a device probing or running its model
+    # while another traces used to fail with "module is not installed as a submodule".
+    import threading
+
+    import torch
+
+    torch.set_num_threads(1)
+    clients = [_client() for _ in range(16)]
+    errors, built = [], []
+
+    def build(c):
+        try:
+            built.append(c._build("digits-mlp", "act1", None))
+            built[-1].cloud(built[-1].edge(torch.zeros(2, 1, 8, 8)))
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=build, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(built) == 16
+        with torch.no_grad():
+            built[0].edge.fc1.weight.add_(1.0)  # one device's training must not touch another's
+        w = [b.edge.state_dict()["fc1.weight"] for b in built[:3]]
+        assert not torch.equal(w[0], w[1]) and torch.equal(w[1], w[2])
+    finally:
+        for c in clients:
+            c.endpoint.close()
