@@ -14,6 +14,7 @@ from converters.errors import ConfigError
 def register(subparsers) -> None:
     """Adds this package's subcommands to the ``edgesplit`` parser."""
     from cloud.broker_commands import register_broker_commands
+    from cloud.serve_commands import register_serve_commands
 
     sim = subparsers.add_parser(
         "simulate",
@@ -45,6 +46,7 @@ def register(subparsers) -> None:
     cloud.add_argument("--expect", type=int, default=0, help="devices to wait for before round 1")
     cloud.set_defaults(func=run_cloud)
     register_broker_commands(subparsers)
+    register_serve_commands(subparsers)
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:

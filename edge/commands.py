@@ -31,7 +31,21 @@ def register(subparsers) -> None:
     p.add_argument(
         "input", metavar="INPUT.npy", help="float32 array (N, *input_shape) or one sample"
     )
-    p.add_argument("--variant", choices=list(VARIANTS), default="fp32", help="edge ONNX variant")
+    p.add_argument(
+        "--variant",
+        choices=[*VARIANTS, "pca"],
+        default="fp32",
+        help="edge ONNX variant (pca: edge.pca.onnx, remote only)",
+    )
+    p.add_argument(
+        "--broker",
+        help="ask a cloud `edgesplit serve` on this broker instead of running the "
+        "cloud half here (this process then needs no torch)",
+    )
+    p.add_argument("--id", dest="device_id", help="device id (MQTT client id) with --broker")
+    p.add_argument("--prefix", default="edgesplit", help="topic prefix of the service")
+    p.add_argument("--codec", help="activation codec with --broker (default: the split's)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_infer_command)
@@ -103,7 +117,25 @@ def _infer_command(args: argparse.Namespace) -> int:
         x = np.load(path, allow_pickle=False)
     except ValueError as exc:  # pickled object arrays, truncated files
         raise EdgeInputError(f"{path} is not a plain .npy array: {exc}") from None
-    result = infer(args.directory, x, variant=args.variant, threads=args.threads)
+    if args.broker:
+        from edge.remote_infer import infer_remote
+
+        if not args.device_id:
+            raise ValueError("--broker needs --id DEVICE_ID (the device's MQTT client id)")
+        result = infer_remote(
+            args.directory,
+            x,
+            broker_url=args.broker,
+            device_id=args.device_id,
+            variant=args.variant,
+            timeout=args.timeout,
+            prefix=args.prefix,
+            codec=args.codec,
+        )
+    elif args.variant == "pca":
+        raise ValueError("--variant pca needs --broker (the cloud reconstructs PCA codes)")
+    else:
+        result = infer(args.directory, x, variant=args.variant, threads=args.threads)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
