@@ -24,6 +24,12 @@ def register_agent_commands(subparsers) -> None:
     p.add_argument("--username", help="broker username (default: the device id)")
     p.add_argument("--password", help="broker password")
     p.add_argument("--cafile", help="CA bundle to verify the broker (TLS)")
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="take part in split-learning runs (cloud started with --mode vanilla|ushaped|"
+        "splitfed-v1|splitfed-v2) instead of federated averaging",
+    )
     p.add_argument("--once", action="store_true", help="exit when the run finishes")
     p.set_defaults(func=run_edge)
 
@@ -39,12 +45,23 @@ def run_edge(args: argparse.Namespace) -> int:
         extra.update(username=args.username or args.device_id, password=args.password)
     if args.cafile:
         extra.update(tls=True, tls_ca=args.cafile)
-    agent = DeviceAgent(
-        options=AgentOptions(device_id=args.device_id, prefix=args.prefix),
-        mqtt=MqttConfig.from_url(args.broker, client_id=args.device_id, **extra),
-        x=data.x,
-        y=data.y,
-    )
+    mqtt = MqttConfig.from_url(args.broker, client_id=args.device_id, **extra)
+    if args.split:
+        from edge.split_client import SplitClient, SplitClientOptions
+
+        agent = SplitClient(
+            options=SplitClientOptions(device_id=args.device_id, prefix=args.prefix),
+            mqtt=mqtt,
+            x=data.x,
+            y=data.y,
+        )
+    else:
+        agent = DeviceAgent(
+            options=AgentOptions(device_id=args.device_id, prefix=args.prefix),
+            mqtt=mqtt,
+            x=data.x,
+            y=data.y,
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     agent.start()
