@@ -81,6 +81,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-cut", help="ushaped: cloud/head cut point (default: the last one)")
     p.add_argument("--act-codec", choices=["float32", "fp16", "int8"], help="split activations")
     p.add_argument("--dp", choices=["none", "sample", "user"])
+    p.add_argument(
+        "--secure",
+        choices=["none", "secagg", "he-paillier"],
+        help="secure aggregation: pairwise masking (Bonawitz et al.) or Paillier (Phong et al.)",
+    )
     p.add_argument("--noise-multiplier", type=float)
     p.add_argument("--target-epsilon", type=float)
     p.add_argument("--delta", type=float)

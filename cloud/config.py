@@ -17,7 +17,9 @@ else:  # pragma: no cover
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DP_MODES = ("none", "sample", "user")
-SECURE_MODES = ("none",)
+SECURE_MODES = ("none", "secagg", "he-paillier")
+# Training topologies: "fedavg" is FederatedServer; the others run cloud.split_trainer.
+MODES = ("fedavg", "vanilla", "ushaped", "splitfed-v1", "splitfed-v2")
 
 
 def _check(cond: bool, name: str, rule: str, value) -> None:
@@ -62,6 +64,15 @@ class FederatedConfig:
     population: int = 0  # user-level DP: devices the round samples from (0 = registered)
     secure: str = "none"
     max_update_bytes: int = 64 * 2**20
+    mode: str = "fedavg"
+    cut: str | None = None  # None: the model's default cut
+    head_cut: str | None = None  # U-shaped only; None: the last cut point
+    act_codec: str = "float32"
+    # Secure aggregation (cloud.secure): Shamir threshold t for secagg (0 = majority of the
+    # selected devices), per-coordinate clip of each update delta, Paillier modulus bits.
+    secure_threshold: int = 0
+    secure_clip: float = 4.0
+    he_key_bits: int = 2048
 
     def __post_init__(self) -> None:
         _check(
@@ -93,7 +104,21 @@ class FederatedConfig:
         if self.dp != "none":
             one = (self.noise_multiplier is None) != (self.target_epsilon is None)
             _check(one, "dp", "needs exactly one of noise_multiplier / target_epsilon", self.dp)
+        _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}", self.mode)
+        _check(
+            self.act_codec in ("float32", "fp16", "int8"),
+            "act_codec",
+            "must be one of float32, fp16, int8",
+            self.act_codec,
+        )
         _check(self.max_update_bytes > 0, "max_update_bytes", "must be > 0", self.max_update_bytes)
+        _check(
+            self.secure_threshold >= 0, "secure_threshold", "must be >= 0", self.secure_threshold
+        )
+        ok = math.isfinite(self.secure_clip) and self.secure_clip > 0
+        _check(ok, "secure_clip", "must be a finite number > 0", self.secure_clip)
+        # Paillier below 2048 bits is not acceptable (NIST SP 800-57 112-bit security floor).
+        _check(self.he_key_bits >= 2048, "he_key_bits", "must be >= 2048", self.he_key_bits)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,3 +24,7 @@ class PrivacyBudgetExceededError(_split_errors.PrivacyBudgetExceededError):
 
     Subclasses the split package's error so one ``except`` catches device and cloud stops.
     """
+
+
+class SplitProtocolError(ValueError):
+    """A split-learning message (activation, logit gradient) breaks the step protocol."""

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,13 @@ from cloud.errors import RoundFailedError, UpdateRejectedError
 from cloud.privacy_round import RoundPrivacy
 from cloud.report import RunReport
 from cloud.round_state import RoundState
+from cloud.secure import get_secure
 from cloud.strategies import ClientUpdate, get_strategy, validate_update
+from cloud.strategies.base import cast_like
 from converters.datasets import Dataset
 from converters.errors import TransportError, WireError
 from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.secagg_protocol import unflatten_params
 from converters.tensor_codec import decode_tensors, encode_tensors
 from converters.topics import Topics
 from converters.wire import Envelope, MsgType, decode, encode
@@ -88,6 +91,16 @@ class FederatedServer:
         self.stray_rejected = 0
         self._torch = torch
         self.endpoint = MqttEndpoint(mqtt)
+        self._samples: dict[str, int] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self.secure = None
+        if config.secure != "none":
+            self.secure = get_secure(
+                config.secure,
+                config=config,
+                broadcast=self._secure_broadcast,
+                num_samples=lambda d: self._samples.get(d, 0),
+            )
 
     # -- messages --------------------------------------------------------------------------
 
@@ -120,10 +133,13 @@ class FederatedServer:
             if not isinstance(num, int) or num < 0:
                 self._reject(f"{device}: HELLO num_samples must be an int >= 0, got {num!r}")
                 return
+            self._samples[device] = num
             if self.registry.register(device, num_samples=num):
                 log.info("device %s registered (%d samples)", device, num)
         elif env.type == MsgType.UPDATE:
             self._on_update(device, env)
+        elif self.secure is not None and env.type in self.secure.handles:
+            self._on_secure(device, env)
         elif env.type == MsgType.ERROR:
             log.warning("device %s reports: %s", device, env.meta.get("error"))
             with self._state_lock:
@@ -163,6 +179,40 @@ class FederatedServer:
         reason = state.add_update(update)
         if reason is not None:
             log.info("update ignored: %s", reason)
+
+    def _on_secure(self, device: str, env: Envelope) -> None:
+        with self._state_lock:
+            state = self._state
+        if not self.registry.is_registered(device):
+            self._reject(f"{env.type.name} from unregistered device {device!r}")
+        elif state is None or env.round != state.round:
+            log.info("late %s from %s for round %d ignored", env.type.name, device, env.round)
+            if state is not None:
+                with state.cond:
+                    state.late += 1
+        else:
+            self.secure.on_message(device, env, state)
+
+    def _secure_broadcast(self, messages: list[tuple[str, MsgType, dict, bytes]]) -> set[str]:
+        """Sends secure-protocol messages in parallel; returns the devices not reached."""
+
+        def one(device: str, msg_type: MsgType, meta: dict, body: bytes) -> str | None:
+            env = Envelope(
+                type=msg_type, run_id=self.config.run_id, round=self.round, sender=CLOUD_ID,
+                seq=self._next_seq(), meta=meta, body=body,
+            )  # fmt: skip
+            try:
+                self.endpoint.send(
+                    self.topics.down(device), encode(env), timeout=self.config.round_timeout
+                )
+            except TransportError as exc:
+                log.warning("%s for %s not delivered: %s", msg_type.name, device, exc)
+                return device
+            return None
+
+        futures = [self._pool.submit(one, *m) for m in messages]
+        wait(futures)
+        return {f.result() for f in futures} - {None}
 
     def _on_presence(self, topic: str, sender: str, payload: bytes) -> None:
         try:
@@ -208,9 +258,10 @@ class FederatedServer:
             )
         return sorted(self.rng.choice(online, size=k, replace=False).tolist())
 
-    def _round_config(self) -> dict:
+    def _round_config(self, selected: list[str]) -> dict:
         cfg = self.config
         return {
+            **(self.secure.client_config(selected) if self.secure is not None else {}),
             "epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
@@ -257,10 +308,19 @@ class FederatedServer:
         with self._state_lock:
             self._state = state
         self._announce(MsgType.ROUND_START, "running")
+        if self.secure is not None:
+            try:
+                self.secure.prepare(selected, state, self.params, t0 + cfg.round_timeout)
+            except RoundFailedError:
+                with self._state_lock:
+                    self._state = None
+                raise
         body = encode_tensors(self.params, codec="float32")
-        meta = {"model": cfg.model, "session": self.session, "config": self._round_config()}
+        meta = {"model": cfg.model, "session": self.session, "config": self._round_config(selected)}
         for device in selected:
             pool.submit(self._send_model, device, body, meta, state)
+        if self.secure is not None:
+            return self._finish_secure_round(state, t0, sent0, recv0)
         state.wait(deadline=t0 + cfg.round_timeout)
         with self._state_lock:
             self._state = None
@@ -294,6 +354,33 @@ class FederatedServer:
         train_s = [float(u.metrics.get("train_seconds", 0.0)) for u in updates]
         row.update(
             epsilon=self.privacy.epsilon(updates),
+            bytes_up=self.endpoint.stats.bytes_received - recv0,
+            bytes_down=self.endpoint.stats.bytes_sent - sent0,
+            seconds=time.monotonic() - t0,
+            slowest_train_seconds=max(train_s, default=0.0),
+        )
+        return row
+
+    def _finish_secure_round(self, state: RoundState, t0: float, sent0: int, recv0: int) -> dict:
+        """Secure modes: the aggregate comes from cloud.secure; single updates are never seen."""
+        try:
+            outcome = self.secure.run(state, self.params, t0 + self.config.round_timeout)
+        finally:
+            with self._state_lock:
+                self._state = None
+        row = {"round": self.round, **outcome.counts(state)}
+        if outcome.delta is not None:
+            delta = unflatten_params(outcome.delta, self.params)
+            self.params = {k: cast_like(v + delta[k], v) for k, v in self.params.items()}
+            acc, loss = self._evaluate()
+            row.update(status="ok", accuracy=acc, loss=loss)
+        else:
+            log.warning("%s", outcome.reason)
+            row.update(status="failed", accuracy=None, loss=None, error=outcome.reason)
+        train_s = [float(m.get("train_seconds", 0.0)) for m in outcome.metrics.values()]
+        eps = [m["epsilon"] for m in outcome.metrics.values() if "epsilon" in m]
+        row.update(
+            epsilon=max(eps, default=None),  # sample-level DP: devices report it with the input
             bytes_up=self.endpoint.stats.bytes_received - recv0,
             bytes_down=self.endpoint.stats.bytes_sent - sent0,
             seconds=time.monotonic() - t0,
@@ -354,6 +441,7 @@ class FederatedServer:
             n = self.registry.wait_for(self.expected, timeout=cfg.register_timeout)
             log.info("%d device(s) online, %d expected", n, self.expected)
             with ThreadPoolExecutor(max_workers=32, thread_name_prefix="send") as pool:
+                self._pool = pool
                 while self.round < cfg.rounds:
                     budget = self.privacy.budget_exhausted()
                     if budget:

@@ -27,6 +27,17 @@ from converters.wire import Envelope, MsgType, decode, encode
 
 log = logging.getLogger(__name__)
 
+# Secure-aggregation messages the cloud relays on the downlink (edge.secure handles them).
+_SECURE_TYPES = frozenset(
+    {
+        MsgType.KEY_ADVERTISE,
+        MsgType.KEY_SHARE,
+        MsgType.UNMASK_REQUEST,
+        MsgType.CIPHERTEXT,
+        MsgType.HE_PUBLIC_CONTEXT,
+    }
+)
+
 # The trainer factory builds a device's trainer lazily (torch loads on the first round only).
 TrainerFactory = Callable[[str], "object"]
 
@@ -106,6 +117,7 @@ class DeviceAgent:
         self._rng = np.random.default_rng([options.seed, _stable_hash(self.id)])
         self._session: str | None = None
         self.finished = threading.Event()
+        self.secure_sessions: dict[str, object] = {}  # secure mode -> edge.secure session
         self.rounds_trained = 0
         self.rejected = 0
         self.crashes = 0
@@ -136,6 +148,10 @@ class DeviceAgent:
                 self.topics.presence(self.id), presence_payload(self.id, "offline"), retain=True
             )
         self.endpoint.close()
+        for session in self.secure_sessions.values():
+            close = getattr(session, "close", None)
+            if close is not None:
+                close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -204,13 +220,51 @@ class DeviceAgent:
             if self.options.vanish_prob and self._rng.random() < self.options.vanish_prob:
                 self._crash(env.round)
                 return
+            secure = (env.meta.get("config") or {}).get("secure", "none")
+            if secure != "none":
+                self._on_secure(topic, env, secure)  # e.g. secagg advertises keys at once
             self._executor.submit(self._train_and_reply, env)
+        elif env.type in _SECURE_TYPES:
+            he = env.type in (MsgType.CIPHERTEXT, MsgType.HE_PUBLIC_CONTEXT)
+            he = he or str(env.meta.get("phase", "")).startswith("he-")
+            self._on_secure(topic, env, "he-paillier" if he else "secagg")
         elif env.type == MsgType.ERROR:
             log.warning("%s: cloud refused our message: %s", self.id, env.meta.get("error"))
         elif env.type == MsgType.BYE:
             self.finished.set()
         else:
             self._reject(topic, f"unexpected message type {env.type.name} on the downlink")
+
+    def secure_session(self, mode: str):
+        """This device's session for a secure mode (edge.secure), built on first use."""
+        with self._lock:
+            if mode not in self.secure_sessions:
+                from edge.secure import make_session
+
+                self.secure_sessions[mode] = make_session(
+                    mode, device_id=self.id, num_samples=len(self.y), reply=self._secure_reply
+                )
+            return self.secure_sessions[mode]
+
+    def _on_secure(self, topic: str, env: Envelope, mode: str) -> None:
+        try:
+            session = self.secure_session(mode)
+            if env.type == MsgType.MODEL:
+                session.on_model(env)
+            else:
+                session.on_message(env)
+        except (WireError, ValueError) as exc:
+            self._reject(topic, f"{mode} {env.type.name} round {env.round}: {exc}")
+        except TransportError as exc:
+            log.warning("%s: %s reply not delivered: %s", self.id, env.type.name, exc)
+
+    def _secure_reply(self, request: Envelope, msg_type: MsgType, meta: dict, body: bytes) -> None:
+        reply = request.reply(
+            type=msg_type, sender=self.id, seq=self._next_seq(), meta=meta, body=body
+        )
+        self.endpoint.send(
+            self.topics.up(self.id), encode(reply), timeout=self.options.send_timeout
+        )
 
     def _crash(self, round_: int) -> None:
         """Simulation: vanish mid-round as a crashed device would (the broker fires our will)."""
@@ -244,6 +298,11 @@ class DeviceAgent:
         t0 = time.perf_counter()
         new_params, metrics = self._trainer.fit(params, {**config, "round": env.round})
         metrics["train_seconds"] = time.perf_counter() - t0
+        secure = config.get("secure", "none")
+        if secure != "none":  # only the masked or encrypted delta leaves the device
+            self.secure_session(secure).submit_update(env, params, new_params, metrics)
+            self.rounds_trained += 1
+            return
         body = encode_tensors(
             new_params, codec=config.get("codec", "float32"), compress=config.get("compress")
         )
