@@ -2,6 +2,7 @@
 
 from cloud.strategies.base import ClientUpdate, Params, Strategy, validate_update
 from cloud.strategies.fedavg import FedAvg
+from cloud.strategies.fedavgm import FedAvgM
 from cloud.strategies.fedopt import FedAdam, FedYogi
 from cloud.strategies.fedprox import FedProx
 from cloud.strategies.median import Median
@@ -13,6 +14,7 @@ __all__ = [
     "ClientUpdate",
     "FedAdam",
     "FedAvg",
+    "FedAvgM",
     "FedProx",
     "FedYogi",
     "Median",

@@ -7,6 +7,7 @@ import inspect
 from cloud.errors import StrategyError
 from cloud.strategies.base import Strategy
 from cloud.strategies.fedavg import FedAvg
+from cloud.strategies.fedavgm import FedAvgM
 from cloud.strategies.fedopt import FedAdam, FedYogi
 from cloud.strategies.fedprox import FedProx
 from cloud.strategies.median import Median
@@ -15,7 +16,7 @@ from cloud.strategies.trimmed_mean import TrimmedMean
 __all__ = ["STRATEGIES", "get_strategy", "register_strategy"]
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, Median, TrimmedMean)
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, Median, TrimmedMean)
 }
 
 

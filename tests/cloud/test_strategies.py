@@ -304,6 +304,7 @@ def test_registry_errors_are_one_line_and_list_options():
     assert sorted(STRATEGIES) == [
         "fedadam",
         "fedavg",
+        "fedavgm",
         "fedprox",
         "fedyogi",
         "median",
