@@ -29,17 +29,15 @@ MODEL = f"{HERE / 'models' / 'mlp100k.py'}:factory"
 
 
 class EchoTrainer:
-    """Returns the global parameters slightly perturbed; measures its own (tiny) compute."""
+    """Returns the global parameters shifted by a device-specific constant."""
 
     def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
+        self.step = np.float32(1e-4 * (seed + 1))
 
     def fit(self, params, config):
+        # A cheap deterministic change: the benchmark times the protocol, not the "training".
         t0 = time.perf_counter()
-        out = {
-            k: (v + self.rng.normal(0, 1e-3, v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
-            for k, v in params.items()
-        }
+        out = {k: v + self.step if v.dtype.kind == "f" else v for k, v in params.items()}
         return out, {"loss": 0.0, "compute_seconds": time.perf_counter() - t0}
 
 

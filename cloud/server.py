@@ -273,7 +273,9 @@ class FederatedServer:
             **self.privacy.client_config(),
         }
 
-    def _send_model(self, device: str, body: bytes, meta: dict, state: RoundState) -> None:
+    def _model_message(self, meta: dict, state: RoundState) -> bytes:
+        """The round's MODEL message, encoded once: every selected device gets the same bytes
+        (one copy and one CRC per round instead of per device)."""
         env = Envelope(
             type=MsgType.MODEL,
             run_id=self.config.run_id,
@@ -281,12 +283,13 @@ class FederatedServer:
             sender=CLOUD_ID,
             seq=self._next_seq(),
             meta=meta,
-            body=body,
+            body=encode_tensors(self.params, codec="float32"),
         )
+        return encode(env)
+
+    def _send_model(self, device: str, message: bytes, state: RoundState) -> None:
         try:
-            self.endpoint.send(
-                self.topics.down(device), encode(env), timeout=self.config.round_timeout
-            )
+            self.endpoint.send(self.topics.down(device), message, timeout=self.config.round_timeout)
         except TransportError as exc:
             log.warning("model for %s not delivered: %s", device, exc)
             state.drop(device)
@@ -315,10 +318,10 @@ class FederatedServer:
                 with self._state_lock:
                     self._state = None
                 raise
-        body = encode_tensors(self.params, codec="float32")
         meta = {"model": cfg.model, "session": self.session, "config": self._round_config(selected)}
+        message = self._model_message(meta, state)
         for device in selected:
-            pool.submit(self._send_model, device, body, meta, state)
+            pool.submit(self._send_model, device, message, state)
         if self.secure is not None:
             return self._finish_secure_round(state, t0, sent0, recv0)
         state.wait(deadline=t0 + cfg.round_timeout)
