@@ -12,7 +12,9 @@ import logging
 import math
 
 from cloud.config import FederatedConfig
+from cloud.errors import UpdateRejectedError
 from cloud.strategies import ClientUpdate, Strategy
+from converters.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ class RoundPrivacy:
         from split.privacy.budget import DPConfig
 
         cfg = self.config
+        if cfg.population > population:
+            # The accountant's sampling rate m / population would understate the real one.
+            raise ConfigError(
+                f"population={cfg.population} exceeds the {population} device(s) online; "
+                "user-level epsilon would be under-reported (use population=0 to count them)"
+            )
+        population = cfg.population or population
         planned = cfg.clients_per_round or math.ceil(cfg.fraction * population)
         dp_config = DPConfig(
             mode="user",
@@ -85,6 +94,34 @@ class RoundPrivacy:
             self.dp_fedavg.clients_per_round,
             population,
         )
+
+    def check_update(self, update: ClientUpdate) -> None:
+        """Rejects a sample-level DP update whose reported epsilon cannot be right.
+
+        A device's privacy ledger only grows, and never past the run's target: a lower epsilon
+        than the device reported before means its ledger was reset (e.g. a restart without its
+        state), a higher one than the target means it overspent.
+
+        Raises:
+            UpdateRejectedError: naming the device, the rule and the value.
+        """
+        if self.mode != "sample":
+            return
+        eps = update.metrics.get("epsilon")
+        dev = update.client_id
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise UpdateRejectedError(f"device {dev}: metrics.epsilon must be >= 0, got {eps!r}")
+        before = self.device_epsilon.get(dev, 0.0)
+        if eps < before - 1e-9:
+            raise UpdateRejectedError(
+                f"device {dev}: epsilon {eps:.4g} < {before:.4g} it reported before; "
+                "a privacy ledger never goes down (was the device reset without its state?)"
+            )
+        target = self.config.target_epsilon
+        if target is not None and eps > target * (1 + 1e-6):
+            raise UpdateRejectedError(
+                f"device {dev}: epsilon {eps:.4g} exceeds target_epsilon={target}"
+            )
 
     def aggregate(self, strategy: Strategy, params: dict, updates: list[ClientUpdate]) -> dict:
         if self.mode == "user":

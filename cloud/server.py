@@ -39,6 +39,7 @@ from converters.secagg_protocol import unflatten_params
 from converters.tensor_codec import decode_tensors, encode_tensors
 from converters.topics import Topics
 from converters.wire import Envelope, MsgType, decode, encode
+from split.errors import PrivacyBudgetExceededError
 
 log = logging.getLogger(__name__)
 CLOUD_ID = "cloud"
@@ -173,6 +174,7 @@ class FederatedServer:
                 metrics=env.meta.get("metrics") or {},
             )
             validate_update(self.params, update)
+            self.privacy.check_update(update)
         except (WireError, ValueError) as exc:
             self._reject(f"update from {device} for round {env.round}: {exc}")
             return
@@ -392,7 +394,9 @@ class FederatedServer:
         return row
 
     def _population(self) -> int:
-        return self.config.population or len(self.registry)
+        """Devices the round could sample from: the online ones (RoundPrivacy checks the
+        configured population against this)."""
+        return len(self.registry.online())
 
     # -- checkpoint ------------------------------------------------------------------------
 
@@ -446,6 +450,8 @@ class FederatedServer:
             with ThreadPoolExecutor(max_workers=32, thread_name_prefix="send") as pool:
                 self._pool = pool
                 while self.round < cfg.rounds:
+                    # Builds (or, after --resume, restores) the DP aggregator before the check.
+                    self.privacy.before_round(num_selected=0, population=self._population())
                     budget = self.privacy.budget_exhausted()
                     if budget:
                         stop_reason = budget
@@ -454,6 +460,11 @@ class FederatedServer:
                     self.round += 1
                     try:
                         row = self._run_round(pool)
+                    except PrivacyBudgetExceededError as exc:
+                        stop_reason = f"privacy budget: {exc}"
+                        log.warning("stopping: %s", stop_reason)
+                        self.round -= 1  # the round did not complete; the model is unchanged
+                        break
                     except RoundFailedError as exc:
                         log.warning("%s", exc)
                         row = {"round": self.round, "status": "failed", "error": str(exc)}

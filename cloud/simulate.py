@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cloud.broker import start_default_broker
 from cloud.config import FederatedConfig
@@ -79,6 +80,7 @@ def _spawn_workers(
             "--first", str(first),
             "--count", str(count),
             "--dropout", str(opts.dropout),
+            "--state-dir", str(Path(config.out_dir) / "device-state"),
             "--max-seconds", str(config.register_timeout + config.rounds * config.round_timeout),
             "--mode", config.mode,
         ]  # fmt: skip

@@ -24,6 +24,7 @@ from converters.mqtt import MqttConfig, MqttEndpoint
 from converters.tensor_codec import decode_tensors, encode_tensors
 from converters.topics import Topics, validate_device_id
 from converters.wire import Envelope, MsgType, decode, encode
+from split.errors import PrivacyBudgetExceededError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class AgentOptions:
         max_message_bytes: larger downlink messages are rejected before parsing.
         vanish_prob: simulation only; chance per round that the device crashes mid-round.
         seed: seeds the simulated crashes.
+        state_dir: where the device keeps state that must survive a restart (its DP-SGD
+            privacy ledger); None keeps it in memory only.
     """
 
     device_id: str
@@ -66,6 +69,7 @@ class AgentOptions:
     max_message_bytes: int = 256 * 2**20
     vanish_prob: float = 0.0
     seed: int = 0
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -130,8 +134,13 @@ class DeviceAgent:
     def _default_factory(self, model_ref: str):
         from edge.local_train import LocalTrainer
 
+        state = self.options.state_dir
         return LocalTrainer(
-            model_ref=model_ref, x=self.x, y=self.y, seed=_stable_hash(self.id) % 2**31
+            model_ref=model_ref,
+            x=self.x,
+            y=self.y,
+            seed=_stable_hash(self.id) % 2**31,
+            ledger_path=None if state is None else f"{state}/{self.id}.dp-ledger.json",
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -282,8 +291,13 @@ class DeviceAgent:
             self._send_error(env, str(exc))
         except TransportError as exc:
             log.warning("%s: round %d update not delivered: %s", self.id, env.round, exc)
-        except Exception:  # a bug in training must not kill the device's worker
+        except PrivacyBudgetExceededError as exc:
+            # Tell the cloud at once, so it drops us from the round instead of waiting.
+            log.warning("%s: %s", self.id, exc)
+            self._send_error(env, f"privacy budget: {exc}")
+        except Exception as exc:  # a bug in training must not kill the device's worker
             log.exception("%s: round %d training failed", self.id, env.round)
+            self._send_error(env, f"training failed: {type(exc).__name__}: {exc}")
 
     def _train_and_send(self, env: Envelope) -> None:
         meta = env.meta

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,12 @@ def register_agent_commands(subparsers) -> None:
         action="store_true",
         help="take part in split-learning runs (cloud started with --mode vanilla|ushaped|"
         "splitfed-v1|splitfed-v2) instead of federated averaging",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=str(Path.home() / ".edgesplit" / "state"),
+        help="where the device keeps state that must survive restarts (its DP-SGD privacy "
+        "ledger); default ~/.edgesplit/state",
     )
     p.add_argument("--once", action="store_true", help="exit when the run finishes")
     p.set_defaults(func=run_edge)
@@ -57,7 +64,9 @@ def run_edge(args: argparse.Namespace) -> int:
         )
     else:
         agent = DeviceAgent(
-            options=AgentOptions(device_id=args.device_id, prefix=args.prefix),
+            options=AgentOptions(
+                device_id=args.device_id, prefix=args.prefix, state_dir=args.state_dir
+            ),
             mqtt=mqtt,
             x=data.x,
             y=data.y,

@@ -7,6 +7,10 @@ with DP-SGD its privacy accountant must persist across rounds (Opacus issues #60
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 Params = dict[str, np.ndarray]
@@ -20,9 +24,20 @@ class LocalTrainer:
         x: local inputs, float32 (N, C, H, W).
         y: local labels, int64 (N,).
         seed: seeds torch for this device, so a simulation is reproducible.
+        ledger_path: where the DP-SGD privacy ledger persists (JSON). A device that restarts
+            continues its ledger instead of spending its whole budget again; None keeps it in
+            memory only.
     """
 
-    def __init__(self, *, model_ref: str, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+    def __init__(
+        self,
+        *,
+        model_ref: str,
+        x: np.ndarray,
+        y: np.ndarray,
+        seed: int,
+        ledger_path: str | Path | None = None,
+    ) -> None:
         import torch
 
         from split.zoo import build_model
@@ -34,6 +49,7 @@ class LocalTrainer:
         self.seed = seed
         self._dp = None  # split.privacy.dpsgd.DPTrainer, created on the first DP round
         self._round = 0
+        self.ledger_path = Path(ledger_path) if ledger_path is not None else None
 
     def _load(self, params: Params) -> None:
         torch = self._torch
@@ -97,9 +113,22 @@ class LocalTrainer:
                 rounds=int(config["rounds"]),
                 seed=seed,
             )
+            if self.ledger_path is not None and self.ledger_path.exists():
+                self._dp.load_ledger_state(json.loads(self.ledger_path.read_text()))
         self._dp.load_state(
             {k: self._torch.from_numpy(np.array(v, copy=True)) for k, v in params.items()}
         )
         metrics = dict(self._dp.train_round(self.x, self.y))
+        self._save_ledger()
+        # The mean loss on private records is not covered by the accountant: never send it.
+        metrics.pop("loss", None)
         metrics["samples"] = len(self.y)
         return self._params(), metrics
+
+    def _save_ledger(self) -> None:
+        if self.ledger_path is None:
+            return
+        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ledger_path.with_name(self.ledger_path.name + ".tmp")
+        tmp.write_text(json.dumps(self._dp.ledger_state()))
+        os.replace(tmp, self.ledger_path)

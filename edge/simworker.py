@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0, help="chance a device crashes per round")
     p.add_argument("--max-seconds", type=float, default=3600.0)
     p.add_argument("--mode", default="fedavg", help="fedavg or a split-learning mode")
+    p.add_argument("--state-dir", help="where devices keep restart-surviving state (DP ledgers)")
     return p
 
 
@@ -72,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
             continue
         agent = DeviceAgent(
             options=AgentOptions(
-                device_id=dev, prefix=args.prefix, vanish_prob=args.dropout, seed=args.seed
+                device_id=dev,
+                prefix=args.prefix,
+                vanish_prob=args.dropout,
+                seed=args.seed,
+                state_dir=args.state_dir,
             ),
             mqtt=cfg,
             x=shards[i].x,

@@ -25,6 +25,7 @@ class Federation:
         clients: int,
         partition: str,
         vanish_prob: float = 0.0,
+        state_dir: str | None = None,
     ) -> None:
         self.broker, self.config = broker, config
         self.shards, self.test = federated_split(
@@ -39,7 +40,11 @@ class Federation:
         for dev, shard in zip(device_ids(clients), self.shards, strict=True):
             agent = DeviceAgent(
                 options=AgentOptions(
-                    device_id=dev, prefix=config.prefix, vanish_prob=vanish_prob, seed=config.seed
+                    device_id=dev,
+                    prefix=config.prefix,
+                    vanish_prob=vanish_prob,
+                    seed=config.seed,
+                    state_dir=state_dir,
                 ),
                 mqtt=MqttConfig.from_url(broker.url, client_id=dev),
                 x=shard.x,
@@ -64,11 +69,13 @@ class Federation:
 
 
 @pytest.fixture
-def federation(mosquitto):
+def federation(mosquitto, tmp_path):
     torch.set_num_threads(1)
     made = []
 
     def make(config, **kw):
+        # Devices keep restart-surviving state (DP ledgers) under the test's own folder.
+        kw.setdefault("state_dir", str(tmp_path / "device-state"))
         fed = Federation(mosquitto, config, **kw)
         made.append(fed)
         return fed

@@ -36,6 +36,8 @@ def test_cloud_and_edge_processes_train_together(mosquitto, tmp_path, mode):
             "--data",
             str(path),
             "--once",
+            "--state-dir",
+            str(tmp_path / "state"),
             *(["--split"] if mode != "fedavg" else []),
         )
         devices.append(

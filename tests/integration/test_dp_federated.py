@@ -12,7 +12,6 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from cloud.errors import PrivacyBudgetExceededError
 from converters.cli import main
 from converters.federation_data import device_ids
 
@@ -83,16 +82,8 @@ def test_sample_level_dp_epsilon_matches_opacus_per_device(federation, fast_conf
     assert summary["accuracy"] > 0.3  # learns something despite the noise (10 classes)
 
 
-# Devices keep their DP-SGD ledger in memory only (edge/local_train.py builds a fresh DPTrainer
-# per process), and the cloud overwrites each device's epsilon with the latest report
-# (RoundPrivacy.aggregate). A device restarted across a resume (as `edgesplit simulate
-# --resume` does: it spawns new device processes) starts from epsilon 0 and re-spends the whole
-# target, so the run's reported epsilon drops although the same records were used again.
-@pytest.mark.xfail(
-    strict=True,
-    reason="device DP-SGD ledger is not persisted across device restarts; reported epsilon "
-    "drops after resume (LocalTrainer._fit_dp, RoundPrivacy.aggregate)",
-)
+# A device restarted across a resume (as `edgesplit simulate --resume` does: new device
+# processes) must continue its DP-SGD ledger from its state folder, not start from epsilon 0.
 def test_sample_level_epsilon_never_drops_when_devices_restart_across_resume(
     federation, fast_config, tmp_path
 ):
@@ -163,17 +154,7 @@ def test_user_level_dp_target_epsilon_is_met_and_matches_opacus(federation, fast
 
 # A fresh run calibrates its noise so that exactly `rounds` rounds fit the target, so the budget
 # can only run out when a finished run is resumed with more rounds (the ledger in the checkpoint
-# has spent almost all of epsilon). Today the resumed server checks the budget before it has
-# rebuilt DP-FedAvg from the checkpoint (RoundPrivacy.budget_exhausted returns None while
-# dp_fedavg is None), runs round 3 on the devices, and DPFedAvg.aggregate raises out of run():
-# no summary, no "stopped". Fix: in FederatedServer.run, build the aggregator
-# (privacy.before_round) before calling privacy.budget_exhausted().
-@pytest.mark.xfail(
-    strict=True,
-    raises=PrivacyBudgetExceededError,
-    reason="resumed user-level run checks its budget before DP-FedAvg is rebuilt "
-    "(FederatedServer.run); round 3 raises in aggregate instead of stopping cleanly",
-)
+# has spent almost all of epsilon). The resumed run must stop before any round past the budget.
 def test_user_level_dp_stops_at_its_budget_when_rounds_are_extended(
     federation, fast_config, tmp_path
 ):
@@ -201,12 +182,7 @@ def test_user_level_dp_stops_at_its_budget_when_rounds_are_extended(
 # DP-FedAvg's accountant uses q = clients_per_round / population, but the server samples from
 # the devices actually online (cloud/server.py _select). A `population` larger than the devices
 # that exist makes the true inclusion rate (here 3/6) larger than the accounted one (3/12), so
-# epsilon is under-reported. The run should refuse such a population or account the real rate.
-@pytest.mark.xfail(
-    strict=True,
-    reason="population larger than the online devices under-reports user-level epsilon "
-    "(RoundPrivacy.before_round uses config.population as the sampling pool)",
-)
+# epsilon would be under-reported. The run must refuse such a population or account the real rate.
 def test_user_level_epsilon_accounts_the_real_sampling_rate(federation, fast_config):
     config = fast_config.replace(
         rounds=2,
