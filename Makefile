@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/edgesplit simulate --clients 20 --rounds 10 --partition dirichlet:0.5 --out runs/demo
+	$(VENV)/bin/edgesplit simulate --config examples/demo.toml --clients 20 --partition dirichlet:0.5
 
 test: setup
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \

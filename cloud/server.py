@@ -136,7 +136,7 @@ class FederatedServer:
                 return
             self._samples[device] = num
             if self.registry.register(device, num_samples=num):
-                log.info("device %s registered (%d samples)", device, num)
+                log.debug("device %s registered (%d samples)", device, num)
         elif env.type == MsgType.UPDATE:
             self._on_update(device, env)
         elif self.secure is not None and env.type in self.secure.handles:
