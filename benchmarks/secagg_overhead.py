@@ -40,7 +40,9 @@ class EchoTrainer:
         return out, {"loss": 0.0}
 
 
-def run_mode(secure: str, devices: int, rounds: int, train_seconds: float) -> dict:
+def run_mode(
+    secure: str, devices: int, rounds: int, train_seconds: float, dropout: float = 0.0
+) -> dict:
     from cloud.broker import start_default_broker
     from cloud.config import FederatedConfig
     from cloud.server import FederatedServer
@@ -57,7 +59,8 @@ def run_mode(secure: str, devices: int, rounds: int, train_seconds: float) -> di
         for i in range(devices):
             dev = f"dev-{i:04d}"
             agent = DeviceAgent(
-                options=AgentOptions(device_id=dev),
+                # dropout: the device crashes mid-round (last will) with this probability.
+                options=AgentOptions(device_id=dev, vanish_prob=dropout, seed=7),
                 mqtt=MqttConfig.from_url(broker.url, client_id=dev),
                 x=x,
                 y=y,
@@ -71,7 +74,7 @@ def run_mode(secure: str, devices: int, rounds: int, train_seconds: float) -> di
                 run_id="secbench",
                 model="digits-mlp",
                 rounds=rounds,
-                min_clients=devices,
+                min_clients=max(2, int(devices * (1 - 2 * dropout))),
                 round_timeout=120,
                 register_timeout=60,
                 secure=secure,
@@ -95,6 +98,8 @@ def run_mode(secure: str, devices: int, rounds: int, train_seconds: float) -> di
     return {
         "secure": secure,
         "devices": devices,
+        "dropout": dropout,
+        "dropped_per_round": statistics.mean(r.get("clients_dropped", 0) for r in rows),
         "params": raw // 4,
         "round_s_median": statistics.median(r["seconds"] for r in steady),
         "overhead_s_median": statistics.median(
@@ -103,7 +108,10 @@ def run_mode(secure: str, devices: int, rounds: int, train_seconds: float) -> di
         "first_round_s": rows[0]["seconds"],
         "up_vs_raw": statistics.median(r["bytes_up"] / (devices * raw) for r in steady),
         "down_vs_raw": statistics.median(r["bytes_down"] / (devices * raw) for r in steady),
-        "ok": all(r["status"] == "ok" and r["clients_ok"] == devices for r in rows),
+        "ok": all(
+            r["status"] == "ok" and r["clients_ok"] + r["clients_dropped"] == r["clients_selected"]
+            for r in rows
+        ),
     }
 
 
@@ -125,16 +133,18 @@ def device_compute(devices: int, n_values: int) -> dict:
     rng = np.random.default_rng(0)
     ids = [f"dev-{i:04d}" for i in range(devices)]
     t0 = time.perf_counter()
-    clients = {d: SecAggClient(device_id=d, run_id="b", round_=1, threshold=devices // 2 + 1)
-               for d in ids}  # fmt: skip
+    clients = {
+        d: SecAggClient(device_id=d, run_id="b", round_=1, threshold=devices // 2 + 1) for d in ids
+    }
     adv = {d: c.advertise() for d, c in clients.items()}
     shares = {d: c.share_keys(adv) for d, c in clients.items()}
     for v in ids:
         clients[v].receive_shares({u: shares[u][v] for u in ids if u != v})
     plan = sp.FixedPointPlan.for_devices(devices, clip=4.0)
     for c in clients.values():
-        c.masked_input(quantize_fixed(rng.normal(0, 0.1, n_values), frac_bits=plan.frac_bits,
-                                      clip=4.0))  # fmt: skip
+        c.masked_input(
+            quantize_fixed(rng.normal(0, 0.1, n_values), frac_bits=plan.frac_bits, clip=4.0)
+        )
     secagg = (time.perf_counter() - t0) / devices
     keypair = PaillierKeyPair.generate(2048)
     spec = PackingSpec.for_key(keypair.public, value_bits=28, frac_bits=24, max_summands=devices)
@@ -166,7 +176,8 @@ def device_compute(devices: int, n_values: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny run for CI")
-    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--devices", default="10", help="comma-separated device counts")
+    p.add_argument("--dropouts", default="0", help="comma-separated crash probabilities")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument(
         "--train-seconds",
@@ -178,23 +189,31 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write results here")
     args = p.parse_args(argv)
     if args.smoke:
-        args.devices, args.rounds = 4, 2
+        args.devices, args.rounds, args.dropouts = "4", 2, "0"
     import torch
 
     torch.set_num_threads(1)
     results = []
-    print(f"{'secure':<12} {'devices':>7} {'round s':>8} {'overhead s':>10} {'round 1 s':>9} "
-          f"{'up/raw':>7} {'down/raw':>8}  ok")  # fmt: skip
-    for mode in args.modes.split(","):
-        r = run_mode(mode, args.devices, args.rounds, args.train_seconds)
-        results.append(r)
-        print(
-            f"{mode:<12} {r['devices']:>7} {r['round_s_median']:>8.3f} "
-            f"{r['overhead_s_median']:>10.3f} {r['first_round_s']:>9.3f} "
-            f"{r['up_vs_raw']:>7.2f} {r['down_vs_raw']:>8.2f}  {r['ok']}",
-            flush=True,
-        )
-    compute = device_compute(args.devices, results[0]["params"])
+    print(
+        f"{'secure':<12} {'devices':>7} {'dropout':>7} {'round s':>8} {'overhead s':>10} "
+        f"{'vs plain':>8} {'round 1 s':>9} {'up/raw':>7} {'down/raw':>8}  ok"
+    )
+    for n in map(int, args.devices.split(",")):
+        for dropout in map(float, args.dropouts.split(",")):
+            plain = None
+            for mode in args.modes.split(","):
+                r = run_mode(mode, n, args.rounds, args.train_seconds, dropout)
+                plain = r["round_s_median"] if mode == "none" else plain
+                r["vs_plain"] = r["round_s_median"] / plain if plain else float("nan")
+                results.append(r)
+                print(
+                    f"{mode:<12} {n:>7} {dropout:>7.2f} {r['round_s_median']:>8.3f} "
+                    f"{r['overhead_s_median']:>10.3f} {r['vs_plain']:>8.2f} "
+                    f"{r['first_round_s']:>9.3f} {r['up_vs_raw']:>7.2f} {r['down_vs_raw']:>8.2f}"
+                    f"  {r['ok']}",
+                    flush=True,
+                )
+    compute = device_compute(int(args.devices.split(",")[0]), results[0]["params"])
     print(
         f"per device: secagg {compute['secagg_device_s'] * 1e3:.1f} ms; HE encrypt "
         f"{compute['he_encrypt_device_s'] * 1e3:.0f} ms ({compute['he_ciphertexts']} ciphertexts), "
