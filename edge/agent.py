@@ -8,10 +8,7 @@ reason, counted, and dropped; the agent keeps running.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -20,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from converters.errors import TransportError, WireError
-from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.mqtt import MqttConfig
 from converters.tensor_codec import decode_tensors, encode_tensors
-from converters.topics import Topics, validate_device_id
+from converters.topics import validate_device_id
 from converters.wire import Envelope, MsgType, decode, encode
+from edge.device_link import DeviceLink
 from split.errors import PrivacyBudgetExceededError
 
 log = logging.getLogger(__name__)
@@ -41,11 +39,6 @@ _SECURE_TYPES = frozenset(
 
 # The trainer factory builds a device's trainer lazily (torch loads on the first round only).
 TrainerFactory = Callable[[str], "object"]
-
-
-def presence_payload(device_id: str, status: str) -> bytes:
-    """Retained presence document; the will carries the same with status "offline"."""
-    return json.dumps({"device": device_id, "status": status}).encode()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +72,7 @@ class AgentOptions:
             raise ValueError(f"send_timeout must be > 0, got {self.send_timeout}")
 
 
-class DeviceAgent:
+class DeviceAgent(DeviceLink):
     """One device: an MQTT connection, its local data and a lazily built local trainer.
 
     Args:
@@ -102,34 +95,19 @@ class DeviceAgent:
         trainer_factory: TrainerFactory | None = None,
         executor: Executor | None = None,
     ) -> None:
-        if mqtt.client_id != options.device_id:
-            raise ValueError(
-                f"mqtt.client_id must equal device_id {options.device_id!r}, got {mqtt.client_id!r}"
-            )
+        super().__init__(device_id=options.device_id, prefix=options.prefix, mqtt=mqtt)
         self.options = options
-        self.id = options.device_id
-        self.topics = Topics(prefix=options.prefix)
         self.x, self.y = x, y
         self._factory = trainer_factory or self._default_factory
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1)
         self._trainer = None
         self._trainer_ref: str | None = None
-        self._seq = 0
-        self._lock = threading.Lock()
         self._done_rounds: set[tuple[str, int]] = set()
         self._rng = np.random.default_rng([options.seed, _stable_hash(self.id)])
-        self._session: str | None = None
-        self.finished = threading.Event()
         self.secure_sessions: dict[str, object] = {}  # secure mode -> edge.secure session
         self.rounds_trained = 0
-        self.rejected = 0
         self.crashes = 0
-        self.endpoint = MqttEndpoint(
-            mqtt,
-            will=(self.topics.presence(self.id), presence_payload(self.id, "offline")),
-            on_connect=self._on_connect,
-        )
 
     def _default_factory(self, model_ref: str):
         from edge.local_train import LocalTrainer
@@ -143,20 +121,12 @@ class DeviceAgent:
             ledger_path=None if state is None else f"{state}/{self.id}.dp-ledger.json",
         )
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- DeviceLink hooks ------------------------------------------------------------------
 
-    def start(self, *, timeout: float = 10.0) -> None:
-        self.endpoint.connect(timeout=timeout)
-        self.endpoint.subscribe(self.topics.down(self.id), self._on_down)
-        self.endpoint.subscribe(self.topics.ctrl(), self._on_ctrl)
-        self._announce()
+    def _hello_meta(self) -> dict:
+        return {"num_samples": len(self.y), "train": True}
 
-    def stop(self) -> None:
-        with contextlib.suppress(TransportError):
-            self.endpoint.publish_small(
-                self.topics.presence(self.id), presence_payload(self.id, "offline"), retain=True
-            )
-        self.endpoint.close()
+    def _on_stop(self) -> None:
         for session in self.secure_sessions.values():
             close = getattr(session, "close", None)
             if close is not None:
@@ -164,66 +134,20 @@ class DeviceAgent:
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _on_connect(self) -> None:
-        # Runs after every (re)connect: the broker may have restarted or we may have crashed.
-        try:
-            self._announce()
-        except TransportError as exc:
-            log.warning("%s: could not announce after connect: %s", self.id, exc)
-
-    def _announce(self) -> None:
-        if not self.endpoint.connected:
-            return
-        self.endpoint.publish_small(
-            self.topics.presence(self.id), presence_payload(self.id, "online"), retain=True
-        )
-        hello = Envelope(
-            type=MsgType.HELLO,
-            run_id="",
-            round=0,
-            sender=self.id,
-            seq=self._next_seq(),
-            meta={"num_samples": len(self.y), "train": True},
-        )
-        self.endpoint.publish_small(self.topics.up(self.id), encode(hello))
-
-    def _next_seq(self) -> int:
-        with self._lock:
-            self._seq += 1
-            return self._seq
-
     # -- incoming --------------------------------------------------------------------------
-
-    def _reject(self, topic: str, reason: str) -> None:
-        self.rejected += 1
-        log.warning("%s: rejected message on %s: %s", self.id, topic, reason)
-
-    def _on_ctrl(self, topic: str, sender: str, payload: bytes) -> None:
-        try:
-            env = decode(payload, max_bytes=64 * 1024)
-        except WireError as exc:
-            self._reject(topic, str(exc))
-            return
-        session = env.meta.get("session")
-        if env.type == MsgType.BYE:
-            self.finished.set()
-        elif env.type == MsgType.ROUND_START and session and session != self._session:
-            # A new cloud session (first start or restart): (re)register with it.
-            self._session = session
-            self._announce()
 
     def _on_down(self, topic: str, sender: str, payload: bytes) -> None:
         try:
             env = decode(payload, max_bytes=self.options.max_message_bytes)
         except WireError as exc:
-            self._reject(topic, str(exc))
+            self._reject(f"{topic}: {exc}")
             return
         if env.type == MsgType.MODEL:
             # A resumed cloud re-sends its round under a new session; that is not a duplicate.
             key = (env.run_id, env.round, env.meta.get("session"))
             with self._lock:
                 if key in self._done_rounds:
-                    self._reject(topic, f"duplicate MODEL for run {env.run_id} round {env.round}")
+                    self._reject(f"{topic}: duplicate MODEL for run {env.run_id} round {env.round}")
                     return
                 self._done_rounds.add(key)
             if self.options.vanish_prob and self._rng.random() < self.options.vanish_prob:
@@ -242,7 +166,7 @@ class DeviceAgent:
         elif env.type == MsgType.BYE:
             self.finished.set()
         else:
-            self._reject(topic, f"unexpected message type {env.type.name} on the downlink")
+            self._reject(f"{topic}: unexpected message type {env.type.name} on the downlink")
 
     def secure_session(self, mode: str):
         """This device's session for a secure mode (edge.secure), built on first use."""
@@ -263,7 +187,7 @@ class DeviceAgent:
             else:
                 session.on_message(env)
         except (WireError, ValueError) as exc:
-            self._reject(topic, f"{mode} {env.type.name} round {env.round}: {exc}")
+            self._reject(f"{topic}: {mode} {env.type.name} round {env.round}: {exc}")
         except TransportError as exc:
             log.warning("%s: %s reply not delivered: %s", self.id, env.type.name, exc)
 
@@ -287,7 +211,7 @@ class DeviceAgent:
         try:
             self._train_and_send(env)
         except (WireError, ValueError) as exc:
-            self._reject("model", str(exc))
+            self._reject(f"round {env.round} model: {exc}")
             self._send_error(env, str(exc))
         except TransportError as exc:
             log.warning("%s: round %d update not delivered: %s", self.id, env.round, exc)

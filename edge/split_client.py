@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from converters.errors import TransportError, WireError
-from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.mqtt import MqttConfig
 from converters.tensor_codec import decode_tensors, encode_tensors
-from converters.topics import Topics, validate_device_id
+from converters.topics import validate_device_id
 from converters.wire import Envelope, MsgType, decode, encode
-from edge.agent import presence_payload
+from edge.device_link import DeviceLink
 from edge.errors import SplitProtocolError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class _CrashedError(Exception):
     """Simulation: the device vanished mid-epoch."""
 
 
-class SplitClient:
+class SplitClient(DeviceLink):
     """One device in split learning: an MQTT connection, local data and its model half(s).
 
     Args:
@@ -142,109 +142,32 @@ class SplitClient:
         y: np.ndarray,
         executor: Executor | None = None,
     ) -> None:
-        if mqtt.client_id != options.device_id:
-            raise ValueError(
-                f"mqtt.client_id must equal device_id {options.device_id!r}, got {mqtt.client_id!r}"
-            )
+        super().__init__(device_id=options.device_id, prefix=options.prefix, mqtt=mqtt)
         self.options = options
-        self.id = options.device_id
-        self.topics = Topics(prefix=options.prefix)
         self.x, self.y = x, y
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1)
-        self._lock = threading.Lock()
-        self._seq = 0
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: tuple[str, int, int] | None = None  # (run_id, round, step) awaited
         self._done: set[tuple] = set()
-        self._session: str | None = None
         self._rng = np.random.default_rng([options.seed, device_seed(self.id)])
         self._halves = None  # (model_ref, cut, head_cut) -> torch modules, built lazily
         self._codec = "float32"
-        self._stopping = False
-        self.finished = threading.Event()
         self.rounds_trained = 0
         self.steps = 0
-        self.rejected = 0
-        self.reasons: list[str] = []
         self.crashes = 0
-        self.endpoint = MqttEndpoint(
-            mqtt,
-            will=(self.topics.presence(self.id), presence_payload(self.id, "offline")),
-            on_connect=self._on_connect,
-        )
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- DeviceLink hooks ------------------------------------------------------------------
 
-    def start(self, *, timeout: float = 10.0) -> None:
-        self.endpoint.connect(timeout=timeout)
-        self.endpoint.subscribe(self.topics.down(self.id), self._on_down)
-        self.endpoint.subscribe(self.topics.ctrl(), self._on_ctrl)
-        self.endpoint.subscribe(self.topics.presence(self.id), self._on_own_presence)
-        self._announce()
+    def _hello_meta(self) -> dict:
+        return {"num_samples": len(self.y), "train": True, "split": True}
 
-    def stop(self) -> None:
-        self._stopping = True
-        with contextlib.suppress(TransportError):
-            self.endpoint.publish_small(
-                self.topics.presence(self.id), presence_payload(self.id, "offline"), retain=True
-            )
-        self.endpoint.close()
+    def _on_stop(self) -> None:
         self._replies.put(None)
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _on_own_presence(self, topic: str, sender: str, payload: bytes) -> None:
-        # After a crash our last will ("offline") can reach the broker after the reconnect's
-        # "online"; seeing it while connected, we say "online" again or the cloud forgets us.
-        if not self._stopping and b'"offline"' in bytes(payload) and self.endpoint.connected:
-            with contextlib.suppress(TransportError):
-                self._announce()
-
-    def _on_connect(self) -> None:
-        with contextlib.suppress(TransportError):
-            self._announce()
-
-    def _announce(self) -> None:
-        if not self.endpoint.connected:
-            return
-        self.endpoint.publish_small(
-            self.topics.presence(self.id), presence_payload(self.id, "online"), retain=True
-        )
-        hello = Envelope(
-            type=MsgType.HELLO,
-            run_id="",
-            round=0,
-            sender=self.id,
-            seq=self._next_seq(),
-            meta={"num_samples": len(self.y), "train": True, "split": True},
-        )
-        self.endpoint.publish_small(self.topics.up(self.id), encode(hello))
-
-    def _next_seq(self) -> int:
-        with self._lock:
-            self._seq += 1
-            return self._seq
-
     # -- incoming (MQTT dispatcher thread) -------------------------------------------------
-
-    def _reject(self, reason: str) -> None:
-        self.rejected += 1
-        self.reasons.append(reason)
-        log.warning("%s: rejected: %s", self.id, reason)
-
-    def _on_ctrl(self, topic: str, sender: str, payload: bytes) -> None:
-        try:
-            env = decode(payload, max_bytes=64 * 1024)
-        except WireError as exc:
-            self._reject(f"{topic}: {exc}")
-            return
-        session = env.meta.get("session")
-        if env.type == MsgType.BYE:
-            self.finished.set()
-        elif env.type == MsgType.ROUND_START and session and session != self._session:
-            self._session = session
-            self._announce()
 
     def _on_down(self, topic: str, sender: str, payload: bytes) -> None:
         try:
