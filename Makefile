@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt "Cython>=3.0" "numpy>=1.24"
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[edge,cloud,dev]"
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[edge,cloud,dev,bench]"
 	touch $(STAMP)
 
 demo: setup
@@ -33,3 +33,7 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
+
+bench: setup
+	for b in edge_latency transport round_overhead he_aggregation dp_overhead secagg_overhead \
+	  split_throughput dp_accuracy; do $(PY) benchmarks/$$b.py || exit 1; done
