@@ -17,6 +17,8 @@ from importlib import metadata
 from converters.provenance import check_packages
 
 GROUP = "edgesplit.commands"
+# Modules only the cloud / training extra installs (a Raspberry Pi agent has none of them).
+_CLOUD_ONLY = {"torch", "opacus", "onnx", "onnxscript", "sklearn", "matplotlib", "rich", "amqtt"}
 # Used when the distribution's metadata is absent (running from a source tree without install).
 _FALLBACK = {
     "split": "split.commands:register",
@@ -67,7 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, RuntimeError, KeyError, ImportError) as exc:
+    except ImportError as exc:
+        if args.verbose:
+            raise
+        missing = getattr(exc, "name", None) or str(exc)
+        extra = "cloud" if missing.split(".")[0] in _CLOUD_ONLY else "edge"
+        print(
+            f"edgesplit {args.command}: error: needs {missing!r}, which is not installed here; "
+            f"pip install 'edgesplit[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
         if args.verbose:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -75,3 +75,16 @@ def test_edge_agent_and_runtime_import_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_command_needing_torch_on_a_torch_free_device_says_which_extra():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from converters.cli import main\n"
+        "sys.exit(main(['split', 'digits-mlp', '--list-cuts']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "needs 'torch'" in lines[0] and "edgesplit[cloud]" in lines[0]
