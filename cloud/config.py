@@ -73,6 +73,13 @@ class FederatedConfig:
     secure_threshold: int = 0
     secure_clip: float = 4.0
     he_key_bits: int = 2048
+    # Split modes: devices clip each sample's cut activation to L2 norm act_noise_clip and add
+    # N(0, (act_noise_multiplier * act_noise_clip)^2) per coordinate (0, 0 = off).
+    act_noise_clip: float = 0.0
+    act_noise_multiplier: float = 0.0
+    # SecAgg+ (Bell et al., CCS'20): neighbours per device in secagg's k-regular graph;
+    # 0 = 2 * ceil(log2 n) + 1, n - 1 or more = plain SecAgg (every pair of devices).
+    secagg_neighbours: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -119,6 +126,25 @@ class FederatedConfig:
         _check(ok, "secure_clip", "must be a finite number > 0", self.secure_clip)
         # Paillier below 2048 bits is not acceptable (NIST SP 800-57 112-bit security floor).
         _check(self.he_key_bits >= 2048, "he_key_bits", "must be >= 2048", self.he_key_bits)
+        for name in ("act_noise_clip", "act_noise_multiplier"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0", value)
+        act_on = (self.act_noise_clip > 0, self.act_noise_multiplier > 0)
+        _check(
+            act_on[0] == act_on[1],
+            "act_noise_clip / act_noise_multiplier",
+            "must both be > 0 (noise on) or both 0 (off)",
+            (self.act_noise_clip, self.act_noise_multiplier),
+        )
+        _check(
+            not any(act_on) or self.mode != "fedavg",
+            "act_noise_clip",
+            "needs a split mode (--mode vanilla|ushaped|splitfed-v1|splitfed-v2)",
+            self.act_noise_clip,
+        )
+        _check(
+            self.secagg_neighbours >= 0, "secagg_neighbours", "must be >= 0", self.secagg_neighbours
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,11 +4,14 @@ Standards followed: Shamir t-of-n secret sharing over the prime field GF(2^521 -
 CACM 1979; coefficients drawn with :mod:`secrets`); X25519 key agreement (RFC 7748),
 HKDF-SHA256 (RFC 5869) and AES-256-GCM (NIST SP 800-38D, random 96-bit nonces) from the
 ``cryptography`` package, as Bonawitz et al. (CCS'17) prescribe for SecAgg's share channel and
-pairwise mask seeds. No I/O here: the cloud and edge modules move these bytes over MQTT.
+pairwise mask seeds. SecAgg+ (Bell et al., CCS'20) restricts key agreement, masks and shares to
+a k-regular neighbour graph (:func:`neighbour_graph`). No I/O here: the cloud and edge modules
+move these bytes over MQTT.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import struct
@@ -108,9 +111,73 @@ def threshold_for(n: int, requested: int = 0) -> int:
 
     A majority means the unmasking shares of any two disjoint survivor sets cannot both reach
     t, so the server can never collect both kinds of share of one device (Bonawitz et al. 4.2).
+
+    SecAgg+ shares each secret among a device's closed neighbourhood only (itself and its k
+    neighbours), so there ``n = k + 1`` and the default is ``t = (k + 1) // 2 + 1 > k / 2``
+    (Bell et al. 3.3). Security: fewer than t colluding holders in one neighbourhood learn
+    nothing about that device's secrets, and a majority still stops even a server lying about
+    who dropped from getting both the self-mask and the mask-key shares of one device.
+    Robustness: a device's input (or its dropout) can be unmasked only while >= t of its
+    closed neighbourhood answer the unmasking step; with devices dropping independently at
+    rate p, the chance that some neighbourhood falls short shrinks exponentially in k, which
+    is why k grows like log n (Bell et al., Theorem 3.6). Too few in one neighbourhood fails
+    the round with a one-line reason and the previous model stays.
     """
     t = requested if requested > 0 else n // 2 + 1
     return max(2, min(t, n)) if n >= 2 else 1
+
+
+# -- SecAgg+ neighbour graph (Bell et al., CCS'20) -----------------------------------------------
+
+
+def neighbour_count(n: int, requested: int = 0) -> int:
+    """Degree k of the SecAgg+ graph on ``n`` devices.
+
+    ``requested`` if > 0, else ``2 * ceil(log2 n) + 1`` (O(log n), Bell et al. 3.3); capped at
+    ``n - 1`` (the complete graph: plain SecAgg) and raised by one when both k and n are odd,
+    since a k-regular graph on n vertices needs ``n * k`` even.
+    """
+    if not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"requested neighbours must be an int >= 0, got {requested!r}")
+    if n <= 1:
+        return 0
+    k = min(requested if requested > 0 else 2 * math.ceil(math.log2(n)) + 1, n - 1)
+    if k % 2 and n % 2:
+        k += 1  # k odd < n - 1 even here, so k + 1 <= n - 1
+    return k
+
+
+def neighbour_graph(
+    devices, *, k: int, seed: str, run_id: str, round_: int
+) -> dict[str, frozenset[str]]:
+    """The k-regular SecAgg+ communication graph over ``devices`` (public and deterministic).
+
+    A Harary-style circulant graph over the devices in a pseudo-random order: each device is
+    joined to the ``k // 2`` devices on either side of it and, for odd k, to the one opposite.
+    The order sorts devices by SHA-256 of the round's public ``seed`` (announced by the cloud
+    with the model), run and round, so the cloud and every device derive the same graph from
+    the same key list, and a device cannot choose its neighbours by choosing its id.
+
+    Args:
+        devices: the device ids (U1, the devices that advertised keys).
+        k: requested degree, adjusted by :func:`neighbour_count` for ``len(devices)``; with
+            ``k >= n - 1`` every device neighbours every other one (plain SecAgg).
+
+    Returns:
+        ``{device: its neighbours}`` (never itself); every set has the same size.
+    """
+    ids = sorted(set(devices))
+    n, k = len(ids), neighbour_count(len(ids), k)
+    if k >= n - 1:
+        everyone = frozenset(ids)
+        return {d: everyone - {d} for d in ids}
+    salt = context(run_id, round_, "graph", seed) + b"|"
+    order = sorted(ids, key=lambda d: hashlib.sha256(salt + d.encode()).digest())
+    offsets = list(range(1, k // 2 + 1)) + ([n // 2] if k % 2 else [])
+    return {
+        d: frozenset(order[(i + s * o) % n] for o in offsets for s in (1, -1))
+        for i, d in enumerate(order)
+    }
 
 
 # -- X25519 / HKDF / AES-GCM ---------------------------------------------------------------------

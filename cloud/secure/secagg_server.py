@@ -6,11 +6,18 @@ device: b-shares of survivors (to strip their self masks) and s-shares of device
 after sharing keys (to recompute and strip their pairwise masks). With threshold t it recovers
 from up to |U2| - t dropouts at any step. It learns the sum of the weighted, clipped deltas and
 nothing about any single one (semi-honest server; see the paper for the active variant).
+
+SecAgg+ (Bell et al., CCS'20): the cloud announces a degree k (``secagg_neighbours``, default
+O(log n)) and a fresh public graph seed with the model; everything above then runs within the
+k-regular graph of :func:`converters.secagg_protocol.neighbour_graph` over U1, with the
+threshold t counted per closed neighbourhood. A device's secrets are recovered from its
+neighbours' shares only, so each neighbourhood must keep >= t survivors.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 
 import numpy as np
 
@@ -29,13 +36,21 @@ def too_few(round_: int, k: int, t: int) -> str:
     return f"round {round_}: {k} survivors < threshold {t}; the previous model stays"
 
 
-def parse_shares(device: str, body: bytes, u1: set[str]) -> dict[str, bytes]:
-    """A device's encrypted shares: exactly one sealed share per other advertised device."""
+def parse_shares(
+    device: str, body: bytes, u1: set[str], neighbours: frozenset[str] | None = None
+) -> dict[str, bytes]:
+    """A device's encrypted shares: one sealed share per neighbour (default: everyone else)."""
     shares = sp.unpack_map(body, value_len=SEALED_SHARE_BYTES)
-    if set(shares) != u1 - {device}:
+    want = u1 - {device} if neighbours is None else set(neighbours)
+    if set(shares) != want:
+        whom = (
+            f"the other {len(u1) - 1} advertised devices"
+            if want == u1 - {device}
+            else f"its {len(want)} neighbours"
+        )
         raise WireError(
-            f"shares must be addressed to the other {len(u1) - 1} advertised devices, "
-            f"got {len(shares)} ({sorted(set(shares) ^ (u1 - {device}))[:3]} differ)"
+            f"shares must be addressed to {whom}, "
+            f"got {len(shares)} ({sorted(set(shares) ^ want)[:3]} differ)"
         )
     return shares
 
@@ -50,16 +65,42 @@ def parse_masked(body: bytes, n_values: int) -> np.ndarray:
     return np.frombuffer(body, dtype="<u4").astype(np.uint32)
 
 
-def parse_unmask(body: bytes, survivors: set[str], dropped: set[str]) -> dict[str, tuple[str, int]]:
-    """A survivor's revealed shares: b for survivors, s for dropped devices, never the other."""
+def parse_unmask(
+    body: bytes, survivors: set[str], dropped: set[str], holds: set[str] | None = None
+) -> dict[str, tuple[str, int]]:
+    """A survivor's revealed shares: b for survivors, s for dropped devices, never the other.
+
+    ``holds``: the devices whose shares this survivor can hold (its closed neighbourhood).
+    """
     out = {}
     for v, raw in sp.unpack_map(body, value_len=1 + sp.SHARE_BYTES).items():
+        if holds is not None and v not in holds:
+            raise WireError(f"share for {v} from a device that is not its neighbour")
         kind = raw[:1].decode("ascii", "replace")
         want = "b" if v in survivors else "s" if v in dropped else None
         if kind != want:
             raise WireError(f"share for {v} must be of kind {want!r}, got {kind!r}")
         out[v] = (kind, sp.share_from_bytes(raw[1:]))
     return out
+
+
+def shortfall(
+    round_: int, threshold: int, graph: dict[str, frozenset[str]], u2, survivors
+) -> str | None:
+    """Why unmasking cannot succeed, or None: some U2 device with < t surviving share holders.
+
+    Only survivors reveal shares, and a device's shares are held by its closed neighbourhood,
+    so every device in U2 needs >= t survivors among itself and its neighbours.
+    """
+    alive = set(survivors)
+    for v in sorted(u2):
+        have = len((graph[v] | {v}) & alive)
+        if have < threshold:
+            return (
+                f"round {round_}: {have} survivors in the neighbourhood of {v} < threshold "
+                f"{threshold}; the previous model stays"
+            )
+    return None
 
 
 def unmask_sum(
@@ -71,6 +112,7 @@ def unmask_sum(
     u2: list[str],
     masked: dict[str, np.ndarray],
     responses: dict[str, dict[str, tuple[str, int]]],
+    graph: dict[str, frozenset[str]] | None = None,
 ) -> np.ndarray:
     """Sum of the survivors' unmasked inputs mod 2^32 (pure; the unit-tested core).
 
@@ -79,6 +121,7 @@ def unmask_sum(
         u2: devices that shared keys (everyone masked with all of them).
         masked: U3's masked inputs.
         responses: each responding survivor's parsed shares.
+        graph: the SecAgg+ neighbour graph over U1; None: complete (plain SecAgg).
 
     Raises:
         RoundFailedError: fewer than t responses or shares, or a recovered key that does not
@@ -112,6 +155,8 @@ def unmask_sum(
         if sp.public_bytes(s_v) != adverts[v][32:]:
             raise RoundFailedError(f"round {round_}: recovered mask key of {v} does not match")
         for u in survivors:
+            if graph is not None and u not in graph[v]:
+                continue  # u and v are not neighbours: they never masked with each other
             lo, hi = sorted((u, v))
             seed = sp.agree(s_v, adverts[u][32:], info=sp.context(run_id, round_, "mask", lo, hi))
             corrections.append((expand_mask(seed, n), -1 if u < v else 1))
@@ -134,16 +179,21 @@ class SecAggAggregator(SecureAggregator):
 
     def client_config(self, selected: list[str]) -> dict:
         plan = sp.FixedPointPlan.for_devices(len(selected), clip=self.config.secure_clip)
+        k = sp.neighbour_count(len(selected), self.config.secagg_neighbours)
         self._round_cfg = {
             **super().client_config(selected),
-            "secure_threshold": sp.threshold_for(len(selected), self.config.secure_threshold),
+            # Shares live in closed neighbourhoods of k + 1 (k = n - 1: plain SecAgg).
+            "secure_threshold": sp.threshold_for(k + 1, self.config.secure_threshold),
+            "secure_neighbours": max(1, k),
+            "secure_graph_seed": secrets.token_hex(16),  # public: fixes the round's graph
             "secure_clip": plan.clip,
             "secure_frac_bits": plan.frac_bits,
             "secure_devices": len(selected),
         }
         log.info(
-            "secagg: t=%d of %d, frac_bits=%d, sum precision %.3g",
-            self._round_cfg["secure_threshold"], len(selected), plan.frac_bits, plan.precision,
+            "secagg: t=%d of k+1=%d (n=%d), frac_bits=%d, sum precision %.3g",
+            self._round_cfg["secure_threshold"], k + 1, len(selected), plan.frac_bits,
+            plan.precision,
         )  # fmt: skip
         return self._round_cfg
 
@@ -160,7 +210,16 @@ class SecAggAggregator(SecureAggregator):
         if len(adverts) < t:
             return SecureOutcome(None, reason=too_few(r, len(adverts), t))
         u1 = set(adverts)
-        self._open(state, "shares", u1, lambda d, env: parse_shares(d, env.body, u1))
+        graph = sp.neighbour_graph(
+            u1,
+            k=cfg["secure_neighbours"],
+            seed=cfg["secure_graph_seed"],
+            run_id=self.config.run_id,
+            round_=r,
+        )
+        if any(len(nb) + 1 < t for nb in graph.values()):
+            return SecureOutcome(None, reason=too_few(r, len(adverts), t))
+        self._open(state, "shares", u1, lambda d, env: parse_shares(d, env.body, u1, graph[d]))
         key_list = sp.pack_map(adverts)
         self._send([(u, MsgType.KEY_ADVERTISE, {"phase": "keys"}, key_list) for u in u1], state)
         shares = self._collect(state, deadline)
@@ -171,7 +230,7 @@ class SecAggAggregator(SecureAggregator):
         self._open(state, "masked", u2, lambda d, env: (parse_masked(env.body, n_values), env))
         forwards = [
             (v, MsgType.KEY_SHARE, {"phase": "shares"},
-             sp.pack_map({u: shares[u][v] for u in u2 if u != v}))
+             sp.pack_map({u: shares[u][v] for u in u2 if v in shares[u]}))
             for v in u2
         ]  # fmt: skip
         self._send(forwards, state)
@@ -181,10 +240,26 @@ class SecAggAggregator(SecureAggregator):
 
         survivors = sorted(masked)
         dropped = sorted(set(u2) - set(survivors))
+        reason = shortfall(r, t, graph, u2, survivors)
+        if reason:
+            return SecureOutcome(None, reason=reason)
         s_set, d_set = set(survivors), set(dropped)
-        self._open(state, "unmask", survivors, lambda d, env: parse_unmask(env.body, s_set, d_set))
-        meta = {"phase": "unmask", "survivors": survivors, "dropped": dropped}
-        self._send([(u, MsgType.UNMASK_REQUEST, meta, b"") for u in survivors], state)
+        self._open(
+            state,
+            "unmask",
+            survivors,
+            lambda d, env: parse_unmask(env.body, s_set, d_set, graph[d] | {d}),
+        )
+        requests = []
+        for u in survivors:  # each survivor hears only about its own neighbourhood
+            near = graph[u] | {u}
+            meta = {
+                "phase": "unmask",
+                "survivors": [v for v in survivors if v in near],
+                "dropped": [v for v in dropped if v in near],
+            }
+            requests.append((u, MsgType.UNMASK_REQUEST, meta, b""))
+        self._send(requests, state)
         responses = self._collect(state, deadline)
         try:
             total = unmask_sum(
@@ -195,6 +270,7 @@ class SecAggAggregator(SecureAggregator):
                 u2=u2,
                 masked={u: v[0] for u, v in masked.items()},
                 responses=responses,
+                graph=graph,
             )
         except RoundFailedError as exc:
             return SecureOutcome(None, reason=str(exc))

@@ -13,6 +13,12 @@ Per round a device makes two fresh X25519 key pairs (``c`` encrypts Shamir share
 4. Unmasking: for the survivors list the cloud sends, reveal the b-share of each survivor and
    the s-share of each dropped device; never both for one device, and only once per round.
 
+SecAgg+ (Bell et al., CCS'20): when the cloud announces ``secure_neighbours`` k and a graph
+seed, every step above runs over this device's neighbours in the k-regular graph of
+:func:`converters.secagg_protocol.neighbour_graph` instead of over all of U1, with the
+threshold t counted within the closed neighbourhood (k + 1 holders): O(k) instead of O(n)
+key agreements, masks and shares per device. ``k >= n - 1`` is plain SecAgg.
+
 Secret keys never leave the device except as those encrypted shares. Distributed DP: a
 ``noise`` hook adds this device's noise share to the clipped, weighted vector before masking.
 """
@@ -47,12 +53,30 @@ class SecAggClient:
         run_id: the run, bound into every key derivation and AES-GCM associated data.
         round_: the round, likewise (keys and seeds are fresh per round anyway).
         threshold: Shamir threshold t announced by the cloud.
+        neighbours: SecAgg+ graph degree k announced by the cloud; None: every device is a
+            neighbour (plain SecAgg).
+        graph_seed: the round's public graph seed announced by the cloud.
     """
 
-    def __init__(self, *, device_id: str, run_id: str, round_: int, threshold: int) -> None:
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        run_id: str,
+        round_: int,
+        threshold: int,
+        neighbours: int | None = None,
+        graph_seed: str = "",
+    ) -> None:
         if not isinstance(threshold, int) or threshold < 1:
             raise ValueError(f"threshold must be an int >= 1, got {threshold!r}")
+        if neighbours is not None and (not isinstance(neighbours, int) or neighbours < 1):
+            raise ValueError(f"neighbours must be None or an int >= 1, got {neighbours!r}")
+        if not isinstance(graph_seed, str):
+            raise ValueError(f"graph_seed must be a str, got {type(graph_seed).__name__}")
         self.id, self.run_id, self.round, self.threshold = device_id, run_id, round_, threshold
+        self.k, self.graph_seed = neighbours, graph_seed
+        self.neighbours: frozenset[str] = frozenset()  # set once the key list arrives
         self._c = sp.generate_private_key()
         self._s = sp.generate_private_key()
         self._b = secrets.token_bytes(sp.KEY_BYTES)
@@ -86,36 +110,48 @@ class SecAggClient:
         if len(set(halves)) != len(halves):  # Bonawitz: abort unless all keys are distinct
             raise WireError(f"round {self.round}: advertised public keys are not all distinct")
         self.keys = dict(key_list)
+        if self.k is None:
+            self.neighbours = frozenset(key_list) - {self.id}
+        else:
+            graph = sp.neighbour_graph(
+                key_list, k=self.k, seed=self.graph_seed, run_id=self.run_id, round_=self.round
+            )
+            self.neighbours = graph[self.id]
+        if len(self.neighbours) + 1 < self.threshold:
+            raise WireError(
+                f"round {self.round}: {len(self.neighbours)} neighbours + this device < "
+                f"threshold {self.threshold}"
+            )
         xs = sp.holder_indices(key_list)
-        b_sh = sp.split_secret(
-            int.from_bytes(self._b, "big"), threshold=self.threshold, xs=list(xs.values())
-        )
+        holders = [xs[v] for v in sorted(self.neighbours | {self.id})]
+        b_sh = sp.split_secret(int.from_bytes(self._b, "big"), threshold=self.threshold, xs=holders)
         s_raw = sp.private_bytes(self._s)
-        s_sh = sp.split_secret(
-            int.from_bytes(s_raw, "big"), threshold=self.threshold, xs=list(xs.values())
-        )
+        s_sh = sp.split_secret(int.from_bytes(s_raw, "big"), threshold=self.threshold, xs=holders)
         self._held[self.id] = (b_sh[xs[self.id]], s_sh[xs[self.id]])
         out = {}
-        for v, pks in key_list.items():
-            if v == self.id:
-                continue
+        for v in sorted(self.neighbours):
+            pks = key_list[v]
             key = sp.agree(self._c, pks[:32], info=self._ctx("share-key", *_pair(self.id, v)))
             plain = sp.share_to_bytes(b_sh[xs[v]]) + sp.share_to_bytes(s_sh[xs[v]])
             out[v] = sp.seal(key, plain, aad=self._ctx("share", self.id, v))
         return out
 
     def receive_shares(self, blobs: dict[str, bytes]) -> list[str]:
-        """Step 2 (receiving): decrypts the shares peers sent us; U2 = senders plus us.
+        """Step 2 (receiving): decrypts the shares neighbours sent us; U2 = senders plus us.
 
         A share failing its AES-GCM tag is rejected (reason logged and returned); this device
         still masks with its sender, it just cannot help unmask that sender later.
 
         Raises:
-            WireError: a sender was not advertised, or U2 is below the threshold.
+            WireError: a sender was not advertised or is not a neighbour, or U2 (within this
+                device's neighbourhood) is below the threshold.
         """
         unknown = sorted(set(blobs) - set(self.keys) | ({self.id} & set(blobs)))
         if unknown:
             raise WireError(f"round {self.round}: shares from unadvertised devices {unknown}")
+        strangers = sorted(set(blobs) - self.neighbours)
+        if strangers:
+            raise WireError(f"round {self.round}: shares from non-neighbours {strangers[:3]}")
         u2 = sorted(set(blobs) | {self.id})
         if len(u2) < self.threshold:
             raise WireError(
@@ -142,7 +178,7 @@ class SecAggClient:
         return reasons
 
     def masked_input(self, x_u32: np.ndarray) -> np.ndarray:
-        """Step 3: ``x + PRG(b) + sum_{v in U2, v != u} sign(u, v) * PRG(s_uv)`` mod 2^32."""
+        """Step 3: ``x + PRG(b) + sum_{v in U2 ∩ N(u)} sign(u, v) * PRG(s_uv)`` mod 2^32."""
         from kernels.masking import add_masks, expand_mask
 
         if self.u2 is None:
@@ -159,27 +195,31 @@ class SecAggClient:
     def unmask(self, survivors: list[str], dropped: list[str]) -> dict[str, bytes]:
         """Step 4: ``{v: b"b" + b-share}`` for survivors, ``{v: b"s" + s-share}`` for dropped.
 
+        Only devices in this device's U2 (its neighbours that shared keys, and itself) get a
+        share; the lists may name other devices too.
+
         Raises:
-            WireError: asked twice, the lists overlap or do not partition U2, this device is
-                not a survivor, or fewer survivors than the threshold.
+            WireError: asked twice, the lists overlap or do not cover U2, this device is
+                not a survivor, or fewer survivors in its U2 than the threshold.
         """
         if self._answered:
             raise WireError(f"round {self.round}: unmasking already answered once")
         if self.u2 is None:
             raise WireError(f"round {self.round}: unmask request before ShareKeys")
         surv, drop = set(survivors), set(dropped)
-        if surv & drop or surv | drop != set(self.u2) or self.id not in surv:
+        if surv & drop or not set(self.u2) <= surv | drop or self.id not in surv:
             raise WireError(
                 f"round {self.round}: survivors/dropped must partition U2 and include this "
                 f"device, got {sorted(surv)} / {sorted(drop)}"
             )
-        if len(surv) < self.threshold:
+        mine = surv & set(self.u2)
+        if len(mine) < self.threshold:
             raise WireError(
-                f"round {self.round}: {len(surv)} survivors < threshold {self.threshold}"
+                f"round {self.round}: {len(mine)} survivors < threshold {self.threshold}"
             )
         self._answered = True
         out = {}
-        for v in sorted(surv | drop):
+        for v in sorted(set(self.u2)):
             held = self._held.get(v)
             if held is None:
                 continue  # its share failed authentication; the others cover it
@@ -226,10 +266,14 @@ class SecAggSession:
     def on_model(self, env: Envelope) -> None:
         """A MODEL for a secagg round: start the round and advertise keys at once."""
         cfg = env.meta.get("config") or {}
-        threshold = cfg.get("secure_threshold")
         with self._lock:
             self._client = SecAggClient(
-                device_id=self.id, run_id=env.run_id, round_=env.round, threshold=threshold
+                device_id=self.id,
+                run_id=env.run_id,
+                round_=env.round,
+                threshold=cfg.get("secure_threshold"),
+                neighbours=cfg.get("secure_neighbours"),
+                graph_seed=cfg.get("secure_graph_seed", ""),
             )
             self._env, self._vector, self._sent_masked = env, None, False
             body = self._client.advertise()

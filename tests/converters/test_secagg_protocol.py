@@ -14,7 +14,13 @@ from scipy import stats
 
 from cloud.errors import RoundFailedError
 from cloud.secure.he_server import HE_FRAC_BITS
-from cloud.secure.secagg_server import parse_masked, parse_shares, parse_unmask, unmask_sum
+from cloud.secure.secagg_server import (
+    parse_masked,
+    parse_shares,
+    parse_unmask,
+    shortfall,
+    unmask_sum,
+)
 from converters import secagg_protocol as sp
 from converters.errors import WireError
 from converters.wire import Envelope, MsgType
@@ -159,19 +165,30 @@ def _devices(n):
     return [f"dev-{i:04d}" for i in range(n)]
 
 
-def _run(n, t, *, drop_before_masked=(), drop_before_unmask=(), tamper=None, values=None):
+def _graph(ids, k, seed="seed"):
+    return sp.neighbour_graph(ids, k=k, seed=seed, run_id="r1", round_=3)
+
+
+def _run(n, t, *, drop_before_masked=(), drop_before_unmask=(), tamper=None, values=None, k=None):
     """Runs all four steps between SecAggClients and the cloud's parsers; returns the sum and
-    what the unit test compares it with."""
+    what the unit test compares it with. ``k``: SecAgg+ degree (None: plain SecAgg)."""
     rng = np.random.default_rng(7)
     ids = _devices(n)
-    clients = {d: SecAggClient(device_id=d, run_id="r1", round_=3, threshold=t) for d in ids}
+    clients = {
+        d: SecAggClient(
+            device_id=d, run_id="r1", round_=3, threshold=t, neighbours=k, graph_seed="seed"
+        )
+        for d in ids
+    }
+    graph = _graph(ids, k) if k else None
     adverts = {d: c.advertise() for d, c in clients.items()}
-    shares = {d: parse_shares(d, sp.pack_map(c.share_keys(adverts)), set(adverts)) for d, c in
-              clients.items()}  # fmt: skip
+    shares = {d: parse_shares(d, sp.pack_map(c.share_keys(adverts)), set(adverts),
+                              graph[d] if graph else None)
+              for d, c in clients.items()}  # fmt: skip
     u2 = sorted(shares)
     rejected = []
     for v in u2:
-        inbox = {u: shares[u][v] for u in u2 if u != v}
+        inbox = {u: shares[u][v] for u in u2 if v in shares[u]}
         if tamper and v == tamper[1]:
             blob = bytearray(inbox[tamper[0]])
             blob[-1] ^= 0x80
@@ -188,14 +205,17 @@ def _run(n, t, *, drop_before_masked=(), drop_before_unmask=(), tamper=None, val
     survivors = sorted(masked)
     dropped = sorted(set(u2) - set(survivors))
     responders = [d for d in survivors if d not in drop_before_unmask]
+    near = {u: (graph[u] | {u}) if graph else set(ids) for u in ids}
     responses = {
-        u: parse_unmask(sp.pack_map(clients[u].unmask(survivors, dropped)), set(survivors),
-                        set(dropped))
+        u: parse_unmask(
+            sp.pack_map(clients[u].unmask([v for v in survivors if v in near[u]],
+                                          [v for v in dropped if v in near[u]])),
+            set(survivors), set(dropped), near[u])
         for u in responders
     }  # fmt: skip
     total = unmask_sum(
         run_id="r1", round_=3, threshold=t, adverts=adverts, u2=u2, masked=masked,
-        responses=responses,
+        responses=responses, graph=graph,
     )  # fmt: skip
     return total, x, floats, survivors, plan, rejected, masked
 
@@ -285,6 +305,178 @@ def test_masked_input_is_independent_of_the_input():
     for _, view in views:
         assert abs(view.mean() - 0.5) < 5 * math.sqrt(1 / 12 / size)
         assert abs(view.var() - 1 / 12) < 0.005
+
+
+# -- SecAgg+ (Bell et al., CCS'20): the k-regular neighbour graph ------------------------------
+
+
+@pytest.mark.parametrize("n,k", [(2, 0), (7, 0), (20, 5), (21, 5), (100, 0), (33, 8), (9, 20)])
+def test_neighbour_graph_is_k_regular_symmetric_and_deterministic(n, k):
+    ids = _devices(n)
+    want = sp.neighbour_count(n, k)
+    graph = _graph(list(reversed(ids)), k)
+    assert sorted(graph) == ids
+    assert all(len(nb) == want and d not in nb for d, nb in graph.items())
+    assert all(d in graph[v] for d, nb in graph.items() for v in nb)  # undirected
+    assert graph == _graph(ids, k)  # same public inputs, same graph, whatever the order
+    if want < n - 1:
+        assert graph != _graph(ids, k, seed="another round seed")
+
+
+def test_neighbour_count_defaults_to_logarithmic_and_complete_for_small_n():
+    assert [sp.neighbour_count(n) for n in (1, 2, 4, 10, 20, 100, 1000)] == [
+        0, 1, 3, 9, 11, 15, 21,
+    ]  # fmt: skip
+    assert sp.neighbour_count(21, 5) == 6  # odd k on odd n rounds up to a valid degree
+    assert sp.neighbour_count(8, 50) == 7
+    assert _graph(_devices(8), 7) == {d: frozenset(_devices(8)) - {d} for d in _devices(8)}
+
+
+def test_cloud_and_devices_derive_the_same_neighbourhoods():
+    ids = _devices(20)
+    clients = {
+        d: SecAggClient(device_id=d, run_id="r1", round_=3, threshold=4, neighbours=5,
+                        graph_seed="seed")
+        for d in ids
+    }  # fmt: skip
+    adverts = {d: c.advertise() for d, c in clients.items()}
+    graph = _graph(ids, 5)
+    for d, c in clients.items():
+        assert set(c.share_keys(adverts)) == graph[d] == c.neighbours
+
+
+def _spread_dropouts(graph, t, count):
+    """Up to ``count`` devices whose removal leaves every closed neighbourhood >= t alive."""
+    dropped = []
+    for d in sorted(graph)[: bool(count) * len(graph)]:
+        trial = set(dropped) | {d}
+        if all(len((nb | {v}) - trial) >= t for v, nb in graph.items()):
+            dropped.append(d)
+        if len(dropped) == count:
+            break
+    return tuple(dropped)
+
+
+@pytest.mark.parametrize("dropouts", [0, 1, 4])
+def test_secaggplus_unmasked_sum_equals_plain_sum_with_dropouts(dropouts):
+    n, k = 20, 5
+    t = sp.threshold_for(k + 1)
+    graph = _graph(_devices(n), k)
+    drop = _spread_dropouts(graph, t, dropouts)
+    assert len(drop) == dropouts
+    total, x, floats, survivors, plan, rejected, _ = _run(n, t, k=k, drop_before_masked=drop)
+    assert survivors == [d for d in _devices(n) if d not in drop] and rejected == []
+    assert np.array_equal(total, sum_mod(np.stack([x[d] for d in survivors])))  # exact mod 2^32
+    decoded = dequantize_sum(total, frac_bits=plan.frac_bits, n_summands=len(survivors))
+    want = np.sum([floats[d] for d in survivors], axis=0)
+    assert np.max(np.abs(decoded - want)) <= plan.precision
+
+
+def test_secaggplus_survivor_that_vanishes_before_unmasking_is_covered_by_its_neighbours():
+    n, k = 20, 5
+    t = sp.threshold_for(k + 1)
+    drop = _spread_dropouts(_graph(_devices(n), k), t, 1)
+    total, x, _, survivors, *_ = _run(
+        n, t, k=k, drop_before_masked=drop, drop_before_unmask=(_devices(n)[7],)
+    )
+    assert np.array_equal(total, sum_mod(np.stack([x[d] for d in survivors])))
+
+
+def test_secaggplus_full_degree_is_plain_secagg():
+    n = 7
+    for k in (n - 1, 50):
+        c = SecAggClient(device_id="dev-0000", run_id="r1", round_=3, threshold=4, neighbours=k)
+        ids = _devices(n)
+        pub = [sp.public_bytes(sp.generate_private_key()) for _ in range(2 * n)]
+        keys = {d: pub[2 * i] + pub[2 * i + 1] for i, d in enumerate(ids[1:])}
+        keys["dev-0000"] = c.advertise()
+        assert set(c.share_keys(keys)) == set(ids[1:])
+    total, x, _, survivors, *_ = _run(n, 4, k=n - 1, drop_before_masked=(ids[2],))
+    assert np.array_equal(total, sum_mod(np.stack([x[d] for d in survivors])))
+
+
+def test_secaggplus_pairwise_masks_run_only_along_graph_edges():
+    """A device's masked input is exactly x + PRG(b) + sum over its k neighbours of +-PRG(s_uv):
+    no mask with a non-neighbour; the masks still cancel in the sum."""
+    from kernels.masking import add_masks, expand_mask
+
+    n, k, size = 12, 4, 64
+    ids = _devices(n)
+    clients = {
+        d: SecAggClient(device_id=d, run_id="r1", round_=3, threshold=3, neighbours=k,
+                        graph_seed="seed")
+        for d in ids
+    }  # fmt: skip
+    adverts = {d: c.advertise() for d, c in clients.items()}
+    out = {d: c.share_keys(adverts) for d, c in clients.items()}
+    for v in ids:
+        clients[v].receive_shares({u: out[u][v] for u in ids if v in out[u]})
+    graph = _graph(ids, k)
+    u = ids[0]
+    x = np.arange(size, dtype=np.uint32)
+    c = clients[u]
+    masks = [(expand_mask(c._b, size), 1)]
+    for v in sorted(graph[u]):
+        lo, hi = sorted((u, v))
+        seed = sp.agree(c._s, adverts[v][32:], info=sp.context("r1", 3, "mask", lo, hi))
+        masks.append((expand_mask(seed, size), 1 if u < v else -1))
+    assert np.array_equal(c.masked_input(x), add_masks(x, masks))
+    masked = np.stack([clients[d].masked_input(x) for d in ids])
+    selfs = [(expand_mask(clients[d]._b, size), -1) for d in ids]
+    assert np.array_equal(add_masks(sum_mod(masked), selfs), sum_mod(np.stack([x] * n)))
+
+
+def test_secaggplus_masked_input_still_looks_uniform():
+    n, k, size = 10, 2, 20_000
+    ids = _devices(n)
+    views = []
+    for value in (0.0, 0.9):
+        clients = {
+            d: SecAggClient(device_id=d, run_id="r", round_=1, threshold=2, neighbours=k,
+                            graph_seed="g")
+            for d in ids
+        }  # fmt: skip
+        adv = {d: c.advertise() for d, c in clients.items()}
+        out = {d: c.share_keys(adv) for d, c in clients.items()}
+        for v in ids:
+            clients[v].receive_shares({u: out[u][v] for u in ids if v in out[u]})
+        q = quantize_fixed(np.full(size, value), frac_bits=20, clip=1.0)
+        views.append(clients[ids[0]].masked_input(q).astype(np.float64) / 2**32)
+    for view in views:
+        assert stats.kstest(view, "uniform").pvalue > 1e-3
+        assert abs(view.mean() - 0.5) < 5 * math.sqrt(1 / 12 / size)
+    assert stats.ks_2samp(views[0], views[1]).pvalue > 1e-3
+
+
+def test_secaggplus_too_many_dropouts_in_one_neighbourhood_fail_cleanly():
+    n, k = 20, 5
+    t = sp.threshold_for(k + 1)  # 4 of each closed neighbourhood of 6
+    ids = _devices(n)
+    graph = _graph(ids, k)
+    victim = ids[0]
+    drop = tuple(sorted(graph[victim])[: k + 1 - t + 1])  # 3 of its neighbours: 3 alive < 4
+    survivors = [d for d in ids if d not in drop]
+    assert shortfall(3, t, graph, ids, survivors) == (
+        f"round 3: 3 survivors in the neighbourhood of {victim} < threshold 4; "
+        "the previous model stays"
+    )
+    assert shortfall(3, t, graph, ids, ids) is None
+    # Without the cloud's pre-check, unmasking itself refuses with a one-line reason.
+    reason = r"^round 3: \d [bs]-shares of dev-\d+ < threshold 4; the previous model stays$"
+    with pytest.raises(RoundFailedError, match=reason):
+        _run(n, t, k=k, drop_before_masked=drop[:2], drop_before_unmask=drop[2:])
+
+
+def test_secaggplus_cloud_parsers_enforce_the_graph():
+    graph = _graph(_devices(20), 5)
+    d = "dev-0000"
+    other = sorted(set(graph) - graph[d] - {d})[0]
+    blob = b"\x00" * 160
+    with pytest.raises(WireError, match="addressed to its 5 neighbours"):
+        parse_shares(d, sp.pack_map({v: blob for v in graph[d] | {other}}), set(graph), graph[d])
+    share = b"b" + sp.share_to_bytes(5)
+    with pytest.raises(WireError, match=f"share for {other} from a device that is not"):
+        parse_unmask(sp.pack_map({other: share}), set(graph), set(), graph[d] | {d})
 
 
 def test_cloud_parsers_reject_malformed_step_messages():
@@ -565,3 +757,46 @@ def test_he_key_share_failing_its_tag_or_fingerprint_is_refused():
     install(share, meta["fingerprint"])
     assert peer.keypair.public.fingerprint == holder.keypair.public.fingerprint
     assert out[-1][2] == {"phase": "installed", "fingerprint": meta["fingerprint"]}
+
+
+def test_secaggplus_round_in_process_matches_weighted_fedavg_of_clipped_deltas():
+    samples, before, trained = _secagg_case(seed=9, n=12)
+    net = _Net("secagg", samples, secagg_neighbours=4)
+    out = net.round(1, before, trained)
+    cfg = net.agg._round_cfg
+    assert (cfg["secure_neighbours"], cfg["secure_threshold"]) == (4, 3)
+    assert out.reason is None and out.contributors == sorted(samples)
+    want = _oracle(before, trained, samples, samples)
+    plan = sp.FixedPointPlan.for_devices(len(samples), clip=4.0)
+    assert np.max(np.abs(out.delta - want)) <= _bound(plan.frac_bits, samples, samples)
+    assert net.state.rejected == net.state.duplicates == 0 and net.device_errors == []
+    # Each device was told only about its own closed neighbourhood, and shared with it only.
+    graph = sp.neighbour_graph(samples, k=4, seed=cfg["secure_graph_seed"], run_id=RUN, round_=1)
+    for d, session in net.sessions.items():
+        assert session._client.neighbours == graph[d]
+
+
+def test_secaggplus_round_in_process_fails_cleanly_when_a_neighbourhood_is_short():
+    samples, before, trained = _secagg_case(seed=10, n=12)
+    net = _Net("secagg", samples, secagg_neighbours=4)
+    silent = set()
+
+    def tamper(device, env):
+        if env.type == MsgType.MASKED_UPDATE:
+            if not silent:
+                cfg = net.agg._round_cfg
+                graph = sp.neighbour_graph(
+                    samples, k=4, seed=cfg["secure_graph_seed"], run_id=RUN, round_=1
+                )
+                silent.update(sorted(graph["dev-0000"])[:3])  # 2 of 5 left < t = 3
+            if device in silent:
+                return []  # crashed after sharing keys
+        return [env]
+
+    net.tamper = tamper
+    out = net.round(1, before, trained, wait=1.0)
+    assert out.delta is None
+    assert out.reason == (
+        "round 1: 2 survivors in the neighbourhood of dev-0000 < threshold 3; "
+        "the previous model stays"
+    )

@@ -226,3 +226,28 @@ def test_he_paillier_small_federation_matches_the_fedavg_oracle(federation, fast
     fps = {a.secure_session("he-paillier").keypair.public.fingerprint for a in fed.agents}
     assert fps == {server.secure.public_key.fingerprint}  # one key, made on a device
     assert summary["accuracy"] > 0.5
+
+
+def test_secaggplus_neighbour_graph_rounds_equal_plain_fedavg(federation, fast_config, tmp_path):
+    """SecAgg+ (k = 4 of 8 devices: every device masks with half the others) still sums to the
+    plain weighted mean; the run matches plain FedAvg on the same seed."""
+    clients = 8
+    base = fast_config.replace(rounds=2, local_epochs=2, round_timeout=60.0)
+    plain_fed, plain_server, _, plain = _run(
+        federation, base.replace(out_dir=str(tmp_path / "plain"), run_id="plain"), clients=clients
+    )
+    plain_fed.close()
+    cfg = base.replace(
+        secure="secagg", secagg_neighbours=4, out_dir=str(tmp_path / "sec"), run_id="sec"
+    )
+    fed, server, rec, summary = _run(federation, cfg, clients=clients)
+    assert server.secure._round_cfg["secure_neighbours"] == 4
+    assert server.secure._round_cfg["secure_threshold"] == 3  # majority of k + 1 = 5
+    rows = _rows(tmp_path / "sec")
+    assert [r["status"] for r in rows] == ["ok"] * 2, rows
+    assert all(r["clients_ok"] == clients and r["rejected"] == 0 for r in rows), rows
+    atol = FixedPointPlan.for_devices(clients, clip=4.0).precision
+    _check_rounds(rec, fed, rows, atol=atol + 1e-6)
+    assert abs(summary["accuracy"] - plain["accuracy"]) <= 0.01, (summary, plain)
+    for k, v in plain_server.params.items():
+        np.testing.assert_allclose(server.params[k], v, atol=1e-3, err_msg=k)
