@@ -90,6 +90,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-epsilon", type=float)
     p.add_argument("--delta", type=float)
     p.add_argument("--clip", type=float, help="clip norm (per sample or per update)")
+    p.add_argument(
+        "--act-noise-clip", type=float,
+        help="split modes: clip each sample's cut activation to this L2 norm (0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--act-noise-multiplier", type=float,
+        help="split modes: Gaussian noise std on activations / --act-noise-clip (0: off)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

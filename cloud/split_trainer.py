@@ -12,6 +12,7 @@ goes on without it.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -128,6 +129,8 @@ class SplitTrainer(SplitMessaging):
         self.session = secrets.token_hex(8)
         self.report = RunReport(config.out_dir)
         self.stray_rejected = 0
+        self._act_epsilon: dict[str, float] = {}  # device -> its reported per-sample epsilon
+        self._act_releases: dict[str, int] = {}  # device -> epochs it was asked to train
         self._state: RoundState | None = None
         self._state_lock = threading.Lock()
         self._seq = 0
@@ -162,10 +165,16 @@ class SplitTrainer(SplitMessaging):
                 "lr": cfg.lr,
                 "momentum": cfg.momentum,
                 "act_codec": cfg.act_codec,
+                "act_noise_clip": cfg.act_noise_clip,
+                "act_noise_multiplier": cfg.act_noise_multiplier,
+                "act_noise_delta": cfg.delta,
             },
         }
 
     def _send_model(self, device: str, round_: int) -> None:
+        # Each local epoch releases every sample's activation once (counted even if it crashes).
+        releases = self._act_releases.get(device, 0) + self.config.local_epochs
+        self._act_releases[device] = releases
         body = encode_tensors(self.device_params, codec="float32")
         payload = self._envelope(MsgType.MODEL, round_, self._model_meta(), body)
         self._pool.submit(self._send, device, payload)
@@ -226,6 +235,8 @@ class SplitTrainer(SplitMessaging):
                 "late": state.late,
                 "duplicates": state.duplicates,
             }
+        if cfg.act_noise_clip > 0:
+            row["epsilon"] = self._act_noise_epsilon(updates)
         if updates and len(updates) >= min(cfg.min_clients, len(selected)):
             self._aggregate(updates)
             acc, loss = self._evaluate()
@@ -252,6 +263,29 @@ class SplitTrainer(SplitMessaging):
             cloud_compute_seconds=stats["cloud_compute_seconds"] - stats0["cloud_compute_seconds"],
         )
         return row
+
+    def _act_noise_epsilon(self, updates: list[ClientUpdate]) -> float:
+        """Largest per-sample epsilon of any device so far (inf: one reported none).
+
+        A device's value is the larger of its report and the cloud's own count of the epochs
+        it asked for, so a device that released activations but never sent its UPDATE (crash,
+        divergence) is not under-reported.
+        """
+        from split.privacy.activation_noise import ActivationNoise, activation_epsilon
+
+        cfg = self.config
+        for u in updates:
+            eps = u.metrics.get("act_epsilon") if isinstance(u.metrics, dict) else None
+            ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0
+            if not ok:
+                log.warning("%s reported act_epsilon=%r; counted as inf", u.client_id, eps)
+            self._act_epsilon[u.client_id] = float(eps) if ok else math.inf
+        noise = ActivationNoise(clip=cfg.act_noise_clip, noise_multiplier=cfg.act_noise_multiplier)
+        worst = 0.0
+        for device, releases in self._act_releases.items():
+            own = activation_epsilon(noise, releases=releases, delta=cfg.delta)
+            worst = max(worst, own, self._act_epsilon.get(device, 0.0))
+        return worst
 
     def _aggregate(self, updates: list[ClientUpdate]) -> None:
         cfg = self.config
@@ -323,7 +357,10 @@ class SplitTrainer(SplitMessaging):
                 "cut": self.cut,
                 "head_cut": self.head_cut,
                 "act_codec": cfg.act_codec,
-                "dp": "none",
+                "dp": "activation" if cfg.act_noise_clip > 0 else "none",
+                "delta": cfg.delta if cfg.act_noise_clip > 0 else None,
+                "act_noise_clip": cfg.act_noise_clip,
+                "act_noise_multiplier": cfg.act_noise_multiplier,
                 "strategy": "fedavg",
                 "stray_rejected": self.stray_rejected,
                 "cloud_samples": sum(r.get("samples", 0) for r in self.report.rows),

@@ -4,8 +4,11 @@ Per batch the device runs its edge half to the cut and sends the activation (ACT
 the labels only in vanilla / SplitFed); the cloud answers with the gradient at the cut
 (GRADIENT) for the same step id. U-shaped, the device also holds the head: the cloud answers
 the activation with its middle output (LOGITS), the device computes the loss itself and sends
-the gradient of that output (LOGIT_GRADIENT), so labels and predictions never leave it. Torch
-is imported only when the first round starts, so ``import edge.split_client`` stays torch-free.
+the gradient of that output (LOGIT_GRADIENT), so labels and predictions never leave it. When the
+round config turns activation noise on, each sample's activation is clipped and noised before it
+is encoded (:mod:`split.privacy.activation_noise`) and the device reports its per-sample epsilon
+(``act_epsilon``). Torch is imported only when the first round starts, so
+``import edge.split_client`` stays torch-free.
 """
 
 from __future__ import annotations
@@ -153,6 +156,10 @@ class SplitClient(DeviceLink):
         self._rng = np.random.default_rng([options.seed, device_seed(self.id)])
         self._halves = None  # (model_ref, cut, head_cut) -> torch modules, built lazily
         self._codec = "float32"
+        # Activation noise (split.privacy.activation_noise): the layer keeps its OS-seeded
+        # generator across rounds; one per-sample ledger per run counts the noised releases.
+        self._noise = None
+        self._act_ledgers: dict = {}
         self.rounds_trained = 0
         self.steps = 0
         self.crashes = 0
@@ -298,6 +305,7 @@ class SplitClient(DeviceLink):
             own = m.state_dict()
             m.load_state_dict({k: torch.from_numpy(params[k]) for k in own})
         self._codec = str(cfg.get("act_codec", "float32"))
+        ledger, sigma = self._setup_noise(env.run_id, cfg)
         epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])
         lr, momentum = float(cfg["lr"]), float(cfg.get("momentum", 0.0))
         opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in mods]
@@ -314,6 +322,8 @@ class SplitClient(DeviceLink):
         for epoch in range(epochs):
             order = order_rng.permutation(n)
             losses = []
+            if ledger is not None:  # each epoch releases every sample's activation once
+                ledger.step(noise_multiplier=sigma, sample_rate=1.0)
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
                 step += 1
@@ -334,6 +344,8 @@ class SplitClient(DeviceLink):
         metrics = {"steps": step, "train_seconds": time.perf_counter() - t0, "samples": n}
         if losses:
             metrics["loss"] = sum(losses) / n
+        if ledger is not None:
+            metrics.update(act_epsilon=ledger.epsilon(), act_releases=ledger.steps)
         new = {k: v.detach().numpy().copy() for m in mods for k, v in m.state_dict().items()}
         update = env.reply(
             type=MsgType.UPDATE,
@@ -347,6 +359,25 @@ class SplitClient(DeviceLink):
         )
         self.rounds_trained += 1
 
+    def _setup_noise(self, run_id: str, cfg: dict):
+        """(ledger, effective sigma) of the round's activation noise, or (None, 0.0) if off."""
+        from split.privacy.activation_noise import ActivationNoise
+        from split.privacy.budget import PrivacyLedger
+
+        noise = ActivationNoise(
+            clip=cfg.get("act_noise_clip", 0.0),
+            noise_multiplier=cfg.get("act_noise_multiplier", 0.0),
+        )
+        if not noise.enabled:
+            self._noise = None
+            return None, 0.0
+        if self._noise is None or self._noise.noise != noise:
+            self._noise = noise.layer()
+        if run_id not in self._act_ledgers:
+            delta = cfg.get("act_noise_delta", 1e-5)
+            self._act_ledgers[run_id] = PrivacyLedger(accountant="rdp", delta=delta)
+        return self._act_ledgers[run_id], noise.effective_noise_multiplier
+
     def _step(self, env: Envelope, step: int, meta: dict, sm, xb, yb: np.ndarray):
         """One batch through the protocol; leaves the gradients in the device's halves.
 
@@ -356,6 +387,8 @@ class SplitClient(DeviceLink):
         import torch
 
         act = sm.edge(xb)
+        if self._noise is not None:  # clip + noise before encoding: codecs post-process it
+            act = self._noise(act)
         a_np = act.detach().numpy()
         loss_value = None
         if sm.head is not None:
