@@ -22,6 +22,12 @@ class RunReport:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.rows: list[dict] = []
 
+    def start_fresh(self) -> None:
+        """A new run: forget rows and outputs an earlier run left in this folder."""
+        self.rows = []
+        for name in ("metrics.jsonl", "summary.json", "rounds.png"):
+            (self.dir / name).unlink(missing_ok=True)
+
     def load_existing(self, *, upto_round: int) -> None:
         """On resume: keep rows of completed rounds only (a crash may have left a later one)."""
         rows = []

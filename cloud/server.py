@@ -437,8 +437,10 @@ class FederatedServer:
         cfg = self.config
         if resume and self.ckpt_path.exists():
             self._resume()
-        elif resume:
-            log.info("--resume: no checkpoint at %s; starting at round 1", self.ckpt_path)
+        else:
+            if resume:
+                log.info("--resume: no checkpoint at %s; starting at round 1", self.ckpt_path)
+            self.report.start_fresh()  # a new run in an old folder must not inherit its rows
         self.endpoint.connect()
         self.endpoint.subscribe(self.topics.presence_wildcard(), self._on_presence)
         self.endpoint.subscribe(self.topics.up_wildcard(), self._on_up)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -116,6 +117,9 @@ def simulate(
     else:
         url = options.broker_url
     procs: list[subprocess.Popen] = []
+    if not resume:
+        # Simulated devices are new devices: an earlier run's DP ledgers are not theirs.
+        shutil.rmtree(Path(config.out_dir) / "device-state", ignore_errors=True)
     try:
         procs = _spawn_workers(config, options, url)
         if config.mode == "fedavg":

@@ -102,7 +102,8 @@ class DeviceAgent(DeviceLink):
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1)
         self._trainer = None
-        self._trainer_ref: str | None = None
+        self._trainer_ref: tuple[str, str] | None = None  # (model, run) it was built for
+        self._run_id = ""
         self._done_rounds: set[tuple[str, int]] = set()
         self._rng = np.random.default_rng([options.seed, _stable_hash(self.id)])
         self.secure_sessions: dict[str, object] = {}  # secure mode -> edge.secure session
@@ -113,12 +114,14 @@ class DeviceAgent(DeviceLink):
         from edge.local_train import LocalTrainer
 
         state = self.options.state_dir
+        # Per run: a run's epsilon accounts that run's releases of this device's data.
+        ledger = None if state is None else f"{state}/{self._run_id}/{self.id}.dp-ledger.json"
         return LocalTrainer(
             model_ref=model_ref,
             x=self.x,
             y=self.y,
             seed=_stable_hash(self.id) % 2**31,
-            ledger_path=None if state is None else f"{state}/{self.id}.dp-ledger.json",
+            ledger_path=ledger,
         )
 
     # -- DeviceLink hooks ------------------------------------------------------------------
@@ -230,9 +233,10 @@ class DeviceAgent(DeviceLink):
         if not isinstance(model_ref, str) or not isinstance(config, dict):
             raise ValueError("MODEL message needs meta.model (str) and meta.config (object)")
         params = decode_tensors(env.body)
-        if self._trainer is None or self._trainer_ref != model_ref:
+        if self._trainer is None or self._trainer_ref != (model_ref, env.run_id):
+            self._run_id = env.run_id
             self._trainer = self._factory(model_ref)
-            self._trainer_ref = model_ref
+            self._trainer_ref = (model_ref, env.run_id)
         t0 = time.perf_counter()
         new_params, metrics = self._trainer.fit(params, {**config, "round": env.round})
         metrics["train_seconds"] = time.perf_counter() - t0

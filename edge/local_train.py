@@ -112,6 +112,8 @@ class LocalTrainer:
                 epochs_per_round=int(config["epochs"]),
                 rounds=int(config["rounds"]),
                 seed=seed,
+                # Plain DP-SGD on devices: the run's momentum (0.9 by default) is tuned for
+                # non-private SGD and makes noised local steps diverge.
             )
             if self.ledger_path is not None and self.ledger_path.exists():
                 self._dp.load_ledger_state(json.loads(self.ledger_path.read_text()))

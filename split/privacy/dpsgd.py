@@ -134,7 +134,10 @@ class DPTrainer:
         epochs_per_round: int,
         rounds: int | None,
         seed: int,
+        momentum: float = 0.0,
     ) -> None:
+        if not (0.0 <= momentum < 1.0):
+            raise PrivacyConfigError(f"momentum must be in [0, 1), got {momentum}")
         if config.mode != "sample":
             raise PrivacyConfigError(f"DPTrainer needs config.mode='sample', got {config.mode!r}")
         for name, value in (
@@ -183,6 +186,8 @@ class DPTrainer:
         self._seeds = [int(v) for v in np.random.SeedSequence(seed).generate_state(2)]
         self._batch_size = batch_size
         self._lr = lr
+        # Momentum post-processes the already privatized gradients: no privacy cost.
+        self._momentum = float(momentum)
         self._data = _RoundData(sample_size)
         self._criterion = nn.CrossEntropyLoss()
         # Privatized on the first round: Opacus' data loader needs a sample's shape.
@@ -205,7 +210,9 @@ class DPTrainer:
             engine.accountant = self.ledger.accountant
             self._module, self._optimizer, self._loader = engine.make_private(
                 module=self._fixed,
-                optimizer=torch.optim.SGD(self._fixed.parameters(), lr=self._lr),
+                optimizer=torch.optim.SGD(
+                    self._fixed.parameters(), lr=self._lr, momentum=self._momentum
+                ),
                 data_loader=loader,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.config.max_grad_norm,

@@ -290,3 +290,60 @@ def test_steps_per_epoch_mirror_opacus_float_rounding():
     t = trainer(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), n=93, batch=1, delta=1e-3)
     assert t.sample_rate == 1 / 93 and t.steps_per_epoch == 92
     assert t.train_round(x, y)["steps"] == t.ledger.steps == 92
+
+
+def test_momentum_applies_to_the_privatized_gradient(digits):
+    """sigma=0, q=1, two steps: SGD momentum on per-sample-clipped gradients, computed by hand."""
+    x, y, _, _ = digits
+    x, y = x[:16], y[:16]
+    clip, lr, mom = 0.05, 0.5, 0.7
+
+    def clipped_mean(model):
+        total = [torch.zeros_like(p) for p in model.parameters()]
+        for i in range(16):
+            model.zero_grad()
+            nn.functional.cross_entropy(
+                model(torch.as_tensor(x[i : i + 1])), torch.as_tensor(y[i : i + 1])
+            ).backward()
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            factor = min(1.0, clip / (float(norm) + 1e-6))
+            total = [a + factor * g for a, g in zip(total, grads, strict=True)]
+        return [g / 16 for g in total]
+
+    t = DPTrainer(
+        cnn(seed=5),
+        config=DPConfig(mode="sample", noise_multiplier=0.0, max_grad_norm=clip, delta=1e-3),
+        sample_size=16,
+        batch_size=16,
+        lr=lr,
+        epochs_per_round=2,
+        rounds=None,
+        seed=0,
+        momentum=mom,
+    )
+    ref = cnn(seed=5)
+    velocity = None
+    for _ in range(2):
+        g = clipped_mean(ref)
+        velocity = (
+            g if velocity is None else [mom * v + gi for v, gi in zip(velocity, g, strict=True)]
+        )
+        with torch.no_grad():
+            for p, v in zip(ref.parameters(), velocity, strict=True):
+                p -= lr * v
+    t.train_round(x, y)
+    for got, want in zip(t.model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(PrivacyConfigError, match=r"momentum must be in \[0, 1\), got 1.0"):
+        DPTrainer(
+            cnn(),
+            config=DPConfig(mode="sample", noise_multiplier=1.0),
+            sample_size=16,
+            batch_size=16,
+            lr=0.1,
+            epochs_per_round=1,
+            rounds=None,
+            seed=0,
+            momentum=1.0,
+        )
