@@ -116,6 +116,20 @@ def run_case(broker_kind: str, devices: int, rounds: int, codec: str, workers: i
             if p.is_alive():
                 p.terminate()
         broker.stop()
+    if not all(r.get("status") == "ok" for r in rows):
+        return {
+            "broker": broker_kind,
+            "devices": devices,
+            "codec": codec,
+            "params": n_params,
+            "ok": False,
+            "overhead_s_median": float("nan"),
+            "round_s_median": float("nan"),
+            "first_round_s": float("nan"),
+            "up_vs_raw": float("nan"),
+            "down_vs_raw": float("nan"),
+            "rows": rows,
+        }
     steady = rows[1:] or rows  # round 1 includes connection warm-up
     overhead = [r["seconds"] - r["slowest_train_seconds"] for r in steady]
     return {

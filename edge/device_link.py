@@ -38,6 +38,11 @@ class DeviceLink:
         mqtt: broker connection settings.
     """
 
+    # Re-announce when our own late last will lands after a reconnect (split devices, whose
+    # rounds are long sessions, need it; the embedded amqtt broker mis-delivers retained
+    # presence to such subscriptions, so federated devices leave it off).
+    watch_own_presence = False
+
     def __init__(self, *, device_id: str, prefix: str, mqtt: MqttConfig) -> None:
         if mqtt.client_id != device_id:
             raise ValueError(
@@ -76,7 +81,8 @@ class DeviceLink:
         self.endpoint.connect(timeout=timeout)
         self.endpoint.subscribe(self.topics.down(self.id), self._on_down)
         self.endpoint.subscribe(self.topics.ctrl(), self._on_ctrl)
-        self.endpoint.subscribe(self.topics.presence(self.id), self._on_own_presence)
+        if self.watch_own_presence:
+            self.endpoint.subscribe(self.topics.presence(self.id), self._on_own_presence)
         self._announce()
 
     def stop(self) -> None:

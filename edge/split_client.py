@@ -136,6 +136,8 @@ class SplitClient(DeviceLink):
             cloud, so the default is a private one.
     """
 
+    watch_own_presence = True
+
     def __init__(
         self,
         *,
