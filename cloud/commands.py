@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import fields
 
 from cloud.config import MODES, FederatedConfig
@@ -216,8 +215,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     from cloud.simulate import SimulationOptions, centralized_reference, simulate
 
     config = config_from_args(args)
-    if config.rounds <= 0 or not math.isfinite(config.lr):
-        raise ConfigError("rounds must be >= 1")
     options = SimulationOptions(
         clients=args.clients,
         partition=args.partition,
