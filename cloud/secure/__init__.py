@@ -105,6 +105,9 @@ class SecureAggregator:
         self._phase: str | None = None
         self._expected: set[str] = set()
         self._got: dict[str, object] = {}
+        # Devices whose message was accepted in an already-closed phase of this round: a copy
+        # arriving after the phase closed is a duplicate, not a late message.
+        self._closed: dict[tuple[int, str], set[str]] = {}
         self._parsers: dict[str, Callable[[str, Envelope], object]] = {}
 
     # -- hooks the server calls --------------------------------------------------------------
@@ -125,6 +128,11 @@ class SecureAggregator:
         phase = env.meta.get("phase")
         with state.cond:
             if phase != self._phase:
+                if device in self._closed.get((state.round, phase), ()):
+                    state.duplicates += 1
+                    log.warning("rejected: duplicate %s phase=%s from %s (phase closed)",
+                                env.type.name, phase, device)  # fmt: skip
+                    return
                 state.late += 1
                 log.info("%s %s phase=%r outside its phase (now %r): ignored",
                          device, env.type.name, phase, self._phase)  # fmt: skip
@@ -159,6 +167,7 @@ class SecureAggregator:
 
     def _open(self, state, phase: str, expected, parse: Callable[[str, Envelope], object]) -> None:
         with state.cond:
+            self._closed = {k: v for k, v in self._closed.items() if k[0] == state.round}
             self._phase, self._expected, self._got = phase, set(expected), {}
             self._parsers[phase] = parse
 
@@ -169,7 +178,9 @@ class SecureAggregator:
                 if left <= 0:
                     break
                 state.cond.wait(min(left, 0.5))
-            got, self._phase = dict(self._got), None
+            got = dict(self._got)
+            self._closed[(state.round, self._phase)] = set(got)
+            self._phase = None
         return got
 
     def _send(self, messages: list[tuple[str, MsgType, dict, bytes]], state) -> None:
