@@ -16,6 +16,10 @@ Three parts, each bounded:
    reply, decode), at MQTT QoS 1 (default) and QoS 0.
 3. Split step: one batch-64 ACTIVATION up and its GRADIENT down between a device and a cloud
    endpoint (plain subscription, the sticky route training needs), codec included.
+4. SplitFed V2 cloud: samples/s the split trainer sustains with 1, 10, 50 devices, batching
+   every pending device's step into one forward/backward vs one device per call, and the CPU
+   each party spends per 1,000 samples (``_splitfed_cloud.py``); plus the cloud half's compute
+   alone (no messaging) at the same device counts.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ CODECS = ("float32", "fp16", "int8", "topk:16+fp16", "topk:8+fp16", "pca:16", "p
 GOAL_RATIO, GOAL_LOSS_POINTS, STRETCH_RATIO = 4.0, 0.5, 8.0
 GOAL_P99_MS_AT_10 = 50.0
 GOAL_STEP_MS = 15.0
+GOAL_SPLITFED_X = 5.0
 
 
 def _train_split(name: str, out: Path, epochs: int, train, test):
@@ -332,6 +337,44 @@ def bench_split_step(*, smoke: bool) -> dict:
     return out
 
 
+def bench_cloud_compute(*, smoke: bool) -> dict:
+    """The cloud half's forward/backward/step alone: ms per device step, batched vs not."""
+    import torch
+
+    from cloud.split_session import CloudHalf, StepInput
+    from split.graph import split_model
+    from split.zoo import build_model
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for name in ("digits-cnn", "mnist-cnn"):
+        model, spec = build_model(name, seed=0)
+        sm = split_model(
+            model, cut=spec.default_cut, example_input=torch.zeros(2, *spec.input_shape)
+        )
+        half = CloudHalf(mode="splitfed-v2", module=sm.cloud, lr=0.05, momentum=0.9, num_classes=10)
+        for n in (1, 10, 50):
+            items = [
+                StepInput(f"d{i}", 1,
+                          rng.normal(size=(16, *sm.activation_shape)).astype(np.float32),
+                          rng.integers(0, 10, 16))
+                for i in range(n)
+            ]  # fmt: skip
+            for _ in range(3):
+                half.train_step(items)
+            reps = max(2, (20 if smoke else 200) // n)
+            t0 = time.process_time()
+            for _ in range(reps):
+                half.train_step(items)
+            per_call = (time.process_time() - t0) / reps
+            one = out.get(f"{name} devices=1", {}).get("ms_per_step", per_call * 1000)
+            out[f"{name} devices={n}"] = {
+                "ms_per_step": 1000 * per_call / n,
+                "speedup": one / (1000 * per_call / n),
+            }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="few epochs, short loads (seconds)")
@@ -367,6 +410,27 @@ def main(argv: list[str] | None = None) -> int:
     for key, r in step.items():
         print(f"  {key:<26} {r['activation_bytes']:>8} B up  p50 {r['p50_ms']:6.2f} ms  "
               f"p99 {r['p99_ms']:6.2f} ms")  # fmt: skip
+    print("SplitFed V2 cloud (digits-cnn, 16-sample steps, devices replay activations; "
+          "CPU ms per 1k samples by party)")  # fmt: skip
+    from _splitfed_cloud import bench_splitfed  # beside this script, so on sys.path
+
+    splitfed = bench_splitfed(smoke=args.smoke)
+    compute = bench_cloud_compute(smoke=args.smoke)
+    print("cloud half compute alone (forward + backward + SGD step, 16 samples per device)")
+    for key, r in compute.items():
+        print(f"  {key:<26} {r['ms_per_step']:7.3f} ms per device step  {r['speedup']:5.1f}x")
+    top = max(int(k.split()[0].split("=")[1]) for k in splitfed)
+    wall_x = (
+        splitfed[f"devices={top} batched"]["samples_per_s"]
+        / splitfed[f"devices={top} one-at-a-time"]["samples_per_s"]
+    )
+    cpu_x = (
+        splitfed[f"devices={top} one-at-a-time"]["cloud_cpu_ms_per_1k"]
+        / splitfed[f"devices={top} batched"]["cloud_cpu_ms_per_1k"]
+    )
+    print(f"batched vs one at a time at {top} devices: {wall_x:.2f}x samples/s (wall), "
+          f"{cpu_x:.2f}x less cloud CPU per sample, "
+          f"{compute[f'digits-cnn devices={top}']['speedup']:.1f}x less cloud compute")  # fmt: skip
     p99_10 = max(
         r["p99_ms"]
         for k, r in service.items()
@@ -384,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         < GOAL_P99_MS_AT_10,
         f"digits-cnn float32 step p50 <= {GOAL_STEP_MS} ms": step["digits-cnn float32"]["p50_ms"]
         <= GOAL_STEP_MS,
+        f"batched SplitFed >= {GOAL_SPLITFED_X}x samples/s at {top} devices": wall_x
+        >= GOAL_SPLITFED_X,
     }
     for goal, ok in goals.items():
         # Smoke mode trains 3 epochs and loads for a second: its figures judge nothing.
@@ -391,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"smoke": args.smoke, "codecs": codecs, "service": service,
-                       "split_step": step, "goals": goals}, f, indent=2)  # fmt: skip
+                       "split_step": step, "splitfed": splitfed, "cloud_compute": compute,
+                       "goals": goals}, f, indent=2)  # fmt: skip
     return 0
 
 

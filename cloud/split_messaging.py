@@ -21,6 +21,8 @@ from cloud.errors import SplitProtocolError
 from cloud.round_state import RoundState
 from cloud.split_session import CloudHalf
 from cloud.split_steps import (
+    StepKey,
+    StepLedger,
     StepQueue,
     decode_activation,
     decode_logit_gradient,
@@ -53,6 +55,7 @@ class SplitMessaging:
     session: str
     _expect: dict
     _work: StepQueue
+    _ledger: StepLedger
     _pool: ThreadPoolExecutor | None
     _state: RoundState | None
     _state_lock: threading.Lock
@@ -85,11 +88,31 @@ class SplitMessaging:
             log.warning("message for %s not delivered: %s", device, exc)
             self._drop(device)
 
-    def _post(self, device: str, msg_type: MsgType, round_: int, meta: dict, tensors=None):
+    def _post(
+        self,
+        device: str,
+        msg_type: MsgType,
+        round_: int,
+        meta: dict,
+        tensors=None,
+        *,
+        answers: StepKey | None = None,
+    ) -> None:
+        """Sends a step reply; one frame goes out at once, unacked (the device resends the
+        step if it is lost, and the ledger answers the repeat with this same payload)."""
         body = b""
         if tensors is not None:
             body = encode_tensors(tensors, codec=self.config.act_codec)
         payload = self._envelope(msg_type, round_, meta, body)
+        if answers is not None:
+            self._ledger.answered(device, answers, payload)
+        topic = self.topics.down(device)
+        if self.endpoint.fits_one_frame(topic, len(payload)):
+            try:
+                self.endpoint.post(topic, payload)
+            except TransportError as exc:
+                log.warning("reply for %s not sent: %s", device, exc)
+            return
         pool = self._pool
         if pool is None:
             return  # the run is over: nobody waits for this reply any more
@@ -108,7 +131,15 @@ class SplitMessaging:
         with self._state_lock:
             return self._state
 
-    def _reject(self, reason: str, *, device: str | None = None, step=None, round_=0) -> None:
+    def _reject(
+        self,
+        reason: str,
+        *,
+        device: str | None = None,
+        step=None,
+        round_=0,
+        answers: StepKey | None = None,
+    ) -> None:
         log.warning("rejected: %s", reason)
         state = self._current()
         if state is not None:
@@ -117,10 +148,12 @@ class SplitMessaging:
             self.stray_rejected += 1
         if device is not None and isinstance(step, int):
             # The device is waiting on this step: tell it, so it does not wait out its timeout.
-            self._post(device, MsgType.ERROR, round_, {"error": reason[:500], "step": step})
+            meta = {"error": reason[:500], "step": step}
+            self._post(device, MsgType.ERROR, round_, meta, answers=answers)
 
     def _drop(self, device: str) -> None:
         self.half.drop(device)
+        self._ledger.forget(device)
         state = self._current()
         if state is not None and state.drop(device):
             log.info("device %s dropped from round %d", device, state.round)
@@ -170,6 +203,10 @@ class SplitMessaging:
                 with state.cond:
                     state.late += 1
             return
+        if env.type in (MsgType.ACTIVATION, MsgType.LOGIT_GRADIENT) and not self._admit_step(
+            device, env, state
+        ):
+            return
         handler = {
             MsgType.UPDATE: self._on_update,
             MsgType.ACTIVATION: self._on_activation,
@@ -179,6 +216,26 @@ class SplitMessaging:
             self._reject(f"{device}: unexpected message type {env.type.name} on the uplink")
             return
         handler(device, env, state)
+
+    def _admit_step(self, device: str, env: Envelope, state: RoundState) -> bool:
+        """True for a new step message; a repeat is counted and, if already answered, answered
+        again with the same reply (never trained on twice)."""
+        step = env.meta.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            return True  # the handler rejects it with the reason
+        seen = self._ledger.admit(device, (env.round, step, env.type))
+        if seen == StepLedger.NEW:
+            return True
+        with state.cond:
+            state.duplicates += 1
+        log.info("%s step %d from %s again (%s)", env.type.name, step, device,
+                 "queued" if seen == StepLedger.QUEUED else "answered again")  # fmt: skip
+        if isinstance(seen, bytes):
+            try:
+                self.endpoint.post(self.topics.down(device), seen)
+            except TransportError as exc:
+                log.warning("repeated reply for %s not sent: %s", device, exc)
+        return False
 
     def _on_activation(self, device: str, env: Envelope, state: RoundState) -> None:
         try:
@@ -208,7 +265,8 @@ class SplitMessaging:
     def _reject_step(self, device: str, env: Envelope, reason: str) -> None:
         step = env.meta.get("step")
         step = step if isinstance(step, int) and not isinstance(step, bool) else None
-        self._reject(reason, device=device, step=step, round_=env.round)
+        key = None if step is None else (env.round, step, env.type)
+        self._reject(reason, device=device, step=step, round_=env.round, answers=key)
 
     def _on_update(self, device: str, env: Envelope, state: RoundState) -> None:
         num = env.meta.get("num_samples")
@@ -257,6 +315,7 @@ class SplitMessaging:
                     device=it.device,
                     step=it.step,
                     round_=env.round,
+                    answers=(env.round, it.step, kind),
                 )
             return
         for it, env, g in zip(items, envs, grads, strict=True):
@@ -264,4 +323,6 @@ class SplitMessaging:
             if reply == MsgType.GRADIENT:
                 meta["scale"] = scale = grad_scale(g, self.config.act_codec)
                 g = g * np.float32(scale) if scale != 1 else g
-            self._post(it.device, reply, env.round, meta, {names: g})
+            self._post(
+                it.device, reply, env.round, meta, {names: g}, answers=(env.round, it.step, kind)
+            )

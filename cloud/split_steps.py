@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -134,3 +135,50 @@ class StepQueue:
                     devices.add(item[1].device)
                     batch.append(item)
             yield batch
+
+
+StepKey = tuple[int, int, MsgType]  # (round, step, uplink message type)
+
+
+class StepLedger:
+    """Which step messages are queued or answered, so a repeat is never trained on twice.
+
+    Step messages travel as single frames without a transport ack (``MqttEndpoint.post``): the
+    reply acknowledges them and a device that gets none resends the same step. QoS 1 may also
+    deliver a message twice. A repeat of a queued step is ignored; a repeat of the last answered
+    step gets the cached reply again. Each device has one step in flight, so one cached reply
+    per device suffices.
+    """
+
+    NEW, QUEUED = "new", "queued"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: set[tuple[str, StepKey]] = set()
+        self._answered: dict[str, tuple[StepKey, bytes]] = {}
+
+    def admit(self, device: str, key: StepKey) -> str | bytes:
+        """NEW (now queued), QUEUED (a repeat still waiting) or the cached reply to resend."""
+        with self._lock:
+            last = self._answered.get(device)
+            if last is not None and last[0] == key:
+                return last[1]
+            if (device, key) in self._queued:
+                return self.QUEUED
+            self._queued.add((device, key))
+            return self.NEW
+
+    def answered(self, device: str, key: StepKey, reply: bytes) -> None:
+        with self._lock:
+            self._queued.discard((device, key))
+            self._answered[device] = (key, reply)
+
+    def forget(self, device: str | None = None) -> None:
+        """Forgets one device (it vanished) or everything (a new round)."""
+        with self._lock:
+            if device is None:
+                self._queued.clear()
+                self._answered.clear()
+                return
+            self._answered.pop(device, None)
+            self._queued = {q for q in self._queued if q[0] != device}

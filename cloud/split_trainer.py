@@ -27,7 +27,7 @@ from cloud.report import RunReport
 from cloud.round_state import RoundState
 from cloud.split_messaging import SplitMessaging
 from cloud.split_session import PARALLEL_MODES, SPLIT_MODES, CloudHalf
-from cloud.split_steps import StepQueue
+from cloud.split_steps import StepLedger, StepQueue
 from cloud.strategies import ClientUpdate, get_strategy
 from converters.datasets import Dataset
 from converters.errors import ConfigError
@@ -135,6 +135,7 @@ class SplitTrainer(SplitMessaging):
         self._state_lock = threading.Lock()
         self._seq = 0
         self._seq_lock = threading.Lock()
+        self._ledger = StepLedger()
         self._work = StepQueue(
             window=self.batch_window, max_devices=max_batch_devices, active=self._active
         )
@@ -203,6 +204,7 @@ class SplitTrainer(SplitMessaging):
         log.debug("round %d: selected %s", self.round, selected)
         state = RoundState(round=self.round, selected=frozenset(selected))
         self.half.begin_round()
+        self._ledger.forget()
         with self._state_lock:
             self._state = state
         self._announce(MsgType.ROUND_START, "running")

@@ -508,6 +508,33 @@ class MqttEndpoint:
                     "check this client's ACL"
                 )
 
+    def fits_one_frame(self, topic: str, payload_len: int) -> bool:
+        """True if a payload of this size goes out as one frame (see :meth:`post`)."""
+        return payload_len <= self.chunk_limit(topic)
+
+    def post(self, topic: str, payload: bytes, *, qos: int | None = None) -> None:
+        """Hands one single-frame message to the client and returns at once (no ack awaited).
+
+        For request/reply traffic whose reply is the end-to-end acknowledgement (split-learning
+        steps): one MQTT PUBLISH each way instead of the data frame, its transport ack and their
+        PUBACKs. At QoS 1 (default) paho redelivers while connected; a message lost with the
+        connection is recovered by the requester resending after its reply timeout, so the
+        receiver must treat repeats as idempotent.
+
+        Raises:
+            TransportError: the payload exceeds one chunk (use :meth:`send`) or paho refuses it
+                (queue full); while disconnected paho queues QoS > 0 messages itself.
+        """
+        limit = self.chunk_limit(topic)
+        if len(payload) > limit:
+            raise TransportError(
+                f"post to {topic!r}: payload of {len(payload)} bytes exceeds one chunk "
+                f"({limit}); use send()"
+            )
+        info = self._publish(topic, self._encode_small(payload), qos=qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            raise TransportError(f"post to {topic!r} failed: {mqtt.error_string(info.rc)}")
+
     def send(
         self,
         topic: str,

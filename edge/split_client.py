@@ -99,6 +99,8 @@ class SplitClientOptions:
         prefix: topic prefix shared with the cloud.
         send_timeout: seconds to deliver one message.
         step_timeout: seconds to wait for the cloud's reply to one step before giving up the round.
+        step_resend: seconds without a reply after which a single-frame step message is sent
+            again (the cloud answers repeats from its reply cache).
         max_message_bytes: larger downlink messages are rejected before parsing.
         vanish_prob: simulation only; chance per round that the device crashes mid-epoch.
         seed: seeds the simulated crashes.
@@ -108,6 +110,7 @@ class SplitClientOptions:
     prefix: str = "edgesplit"
     send_timeout: float = 60.0
     step_timeout: float = 30.0
+    step_resend: float = 5.0
     max_message_bytes: int = 256 * 2**20
     vanish_prob: float = 0.0
     seed: int = 0
@@ -116,7 +119,7 @@ class SplitClientOptions:
         validate_device_id(self.device_id)
         if not 0 <= self.vanish_prob <= 1:
             raise ValueError(f"vanish_prob must be in [0, 1], got {self.vanish_prob}")
-        for name in ("send_timeout", "step_timeout"):
+        for name in ("send_timeout", "step_timeout", "step_resend"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -153,7 +156,8 @@ class SplitClient(DeviceLink):
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1)
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: tuple[str, int, int] | None = None  # (run_id, round, step) awaited
+        # (run_id, round, step, reply type) awaited; ERROR for that step is accepted too.
+        self._pending: tuple[str, int, int, MsgType] | None = None
         self._done: set[tuple] = set()
         self._rng = np.random.default_rng([options.seed, device_seed(self.id)])
         self._halves = None  # (model_ref, cut, head_cut) -> torch modules, built lazily
@@ -201,20 +205,35 @@ class SplitClient(DeviceLink):
 
     def _on_step_reply(self, env: Envelope) -> None:
         step = env.meta.get("step")
+        key = (env.run_id, env.round, step)
         with self._lock:
             pending = self._pending
-        if pending is None or (env.run_id, env.round, step) != pending:
+            taken = (
+                pending is not None
+                and key == pending[:3]
+                and env.type in (pending[3], MsgType.ERROR)
+            )
+            if taken:  # one reply per step: a repeat that follows is refused
+                self._pending = None
+        if not taken:
             want = (
                 "none"
                 if pending is None
-                else f"run {pending[0]} round {pending[1]} step {pending[2]}"
+                else f"{pending[3].name} for run {pending[0]} round {pending[1]} step {pending[2]}"
             )
             if env.type == MsgType.ERROR:
                 log.warning("%s: cloud error for step %r: %s", self.id, step, env.meta.get("error"))
-            self._reject(
-                f"{env.type.name} for unknown step {step!r} (run {env.run_id} round {env.round});"
-                f" pending: {want}"
-            )
+            if pending is not None and key == pending[:3]:
+                reason = (
+                    f"{env.type.name} for step {step!r} (run {env.run_id} round {env.round}), "
+                    f"which awaits {pending[3].name}: a repeated reply, ignored"
+                )
+            else:
+                reason = (
+                    f"{env.type.name} for unknown step {step!r} (run {env.run_id} round "
+                    f"{env.round}); pending: {want}"
+                )
+            self._reject(reason)
             return
         self._replies.put(env)
 
@@ -236,10 +255,12 @@ class SplitClient(DeviceLink):
             with self._lock:
                 self._pending = None
 
-    def _exchange(self, env: Envelope, step: int, kind: MsgType, meta: dict, tensors: dict):
-        """Sends one step message and returns the cloud's reply envelope for that step."""
+    def _exchange(
+        self, env: Envelope, step: int, kind: MsgType, meta: dict, tensors: dict, want: MsgType
+    ) -> Envelope:
+        """Sends one step message and returns the cloud's ``want`` (or ERROR) reply to it."""
         with self._lock:
-            self._pending = (env.run_id, env.round, step)
+            self._pending = (env.run_id, env.round, step, want)
         # Drop stale replies of a previous step (e.g. one that timed out).
         with contextlib.suppress(queue.Empty):
             while True:
@@ -251,13 +272,31 @@ class SplitClient(DeviceLink):
             meta={"step": step, **meta},
             body=encode_tensors(tensors, codec=self._codec),
         )
-        self.endpoint.send(self.topics.up(self.id), encode(msg), timeout=self.options.send_timeout)
-        try:
-            reply = self._replies.get(timeout=self.options.step_timeout)
-        except queue.Empty:
-            raise TimeoutError(
-                f"step {step}: no reply from the cloud within {self.options.step_timeout} s"
-            ) from None
+        payload, topic = encode(msg), self.topics.up(self.id)
+        opts = self.options
+        deadline = time.monotonic() + opts.step_timeout
+        if not self.endpoint.fits_one_frame(topic, len(payload)):
+            # Multi-frame: the transport's acks deliver it; the cloud's reply is then awaited.
+            self.endpoint.send(topic, payload, timeout=opts.send_timeout)
+            resend = math.inf
+        else:
+            # One frame, no transport ack: the reply acknowledges it. If none comes within
+            # step_resend the same message goes again; the cloud answers a repeated step from
+            # its reply cache instead of training on it twice.
+            self.endpoint.post(topic, payload)
+            resend = opts.step_resend
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                reply = self._replies.get(timeout=max(0.0, min(left, resend)))
+                break
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"step {step}: no reply from the cloud within {opts.step_timeout} s"
+                    ) from None
+                log.info("%s: no reply to step %d yet; sending it again", self.id, step)
+                self.endpoint.post(topic, payload)
         if reply is None:
             raise TransportError("device stopped")
         if reply.type == MsgType.ERROR:
@@ -394,7 +433,8 @@ class SplitClient(DeviceLink):
         a_np = act.detach().numpy()
         loss_value = None
         if sm.head is not None:
-            reply = self._exchange(env, step, MsgType.ACTIVATION, meta, {"activation": a_np})
+            tensors = {"activation": a_np}
+            reply = self._exchange(env, step, MsgType.ACTIVATION, meta, tensors, MsgType.LOGITS)
             shape = (len(yb), *sm.head_activation_shape)
             mid = torch.from_numpy(self._reply_tensor(reply, MsgType.LOGITS, "logits", shape))
             mid.requires_grad_(True)
@@ -405,10 +445,12 @@ class SplitClient(DeviceLink):
             scale = _grad_scale(g, self._codec)
             tensors = {"grad": g * np.float32(scale) if scale != 1 else g}
             meta = {**meta, "scale": scale}
-            reply = self._exchange(env, step, MsgType.LOGIT_GRADIENT, meta, tensors)
+            reply = self._exchange(
+                env, step, MsgType.LOGIT_GRADIENT, meta, tensors, MsgType.GRADIENT
+            )
         else:
             tensors = {"activation": a_np, "labels": yb}
-            reply = self._exchange(env, step, MsgType.ACTIVATION, meta, tensors)
+            reply = self._exchange(env, step, MsgType.ACTIVATION, meta, tensors, MsgType.GRADIENT)
         act.backward(
             torch.from_numpy(self._reply_tensor(reply, MsgType.GRADIENT, "grad", a_np.shape))
         )

@@ -23,9 +23,9 @@ def _client() -> SplitClient:
     )
 
 
-def _grad(step, round_=1, run_id="r") -> bytes:
+def _grad(step, round_=1, run_id="r", kind=MsgType.GRADIENT) -> bytes:
     env = Envelope(
-        type=MsgType.GRADIENT, run_id=run_id, round=round_, sender="cloud", seq=1,
+        type=kind, run_id=run_id, round=round_, sender="cloud", seq=1,
         meta={"step": step}, body=encode_tensors({"grad": np.zeros((4, 64), np.float32)}),
     )  # fmt: skip
     return encode(env)
@@ -46,13 +46,17 @@ def test_gradient_for_unknown_step_is_rejected_with_reason():
         c._on_down("t/down/pi-01", "cloud", _grad(7))
         assert c.rejected == 1
         assert "GRADIENT for unknown step 7" in c.reasons[0] and "pending: none" in c.reasons[0]
-        c._pending = ("r", 1, 8)
+        c._pending = ("r", 1, 8, MsgType.GRADIENT)
         c._on_down("t/down/pi-01", "cloud", _grad(7))  # old step
         c._on_down("t/down/pi-01", "cloud", _grad(8, round_=2))  # right step, wrong round
         c._on_down("t/down/pi-01", "cloud", _grad(8, run_id="other"))  # wrong run
-        assert c.rejected == 4 and "\n" not in "".join(c.reasons)
+        # U-shaped: a repeated LOGITS for this step (its ACTIVATION was resent) is not the
+        # GRADIENT the device now awaits.
+        c._on_down("t/down/pi-01", "cloud", _grad(8, kind=MsgType.LOGITS))
+        assert c.rejected == 5 and "\n" not in "".join(c.reasons)
+        assert "which awaits GRADIENT: a repeated reply" in c.reasons[-1]
         c._on_down("t/down/pi-01", "cloud", _grad(8))  # the awaited one is taken
-        assert c.rejected == 4
+        assert c.rejected == 5
         assert c._replies.get_nowait().meta["step"] == 8
     finally:
         c.endpoint.close()

@@ -59,7 +59,7 @@ def _config(tmp_path, **kw) -> FederatedConfig:
 class Run:
     """Devices (own MQTT connection and thread each) and a split trainer on one broker."""
 
-    def __init__(self, broker, config, *, clients, vanish=(), **trainer_kw) -> None:
+    def __init__(self, broker, config, *, clients, vanish=(), client_kw=None, **trainer_kw) -> None:
         self.config = config
         self.shards, self.test = federated_split(
             config.dataset, clients=clients, scheme="iid", seed=config.seed, test_fraction=0.2
@@ -67,7 +67,10 @@ class Run:
         self.clients = []
         for dev, shard in zip(device_ids(clients), self.shards, strict=True):
             opts = SplitClientOptions(
-                device_id=dev, prefix=config.prefix, vanish_prob=1.0 if dev in vanish else 0.0
+                device_id=dev,
+                prefix=config.prefix,
+                vanish_prob=1.0 if dev in vanish else 0.0,
+                **(client_kw or {}),
             )
             c = SplitClient(
                 options=opts,
@@ -213,6 +216,63 @@ def test_one_device_equals_centralized_training(split_run, tmp_path, mode):
         assert r["bytes_up"] + r["bytes_down"] <= 1.12 * cost["split_total_bytes"]
     assert (tmp_path / "run" / "rounds.png").stat().st_size > 1000
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["mode"] == mode
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "ushaped"])
+def test_lost_and_repeated_step_messages_are_trained_on_exactly_once(split_run, tmp_path, mode):
+    # Steps travel as single unacked frames; the reply is the ack. Lose some uplink steps
+    # (the device resends after step_resend), send others twice, and repeat some replies: the
+    # model must still be exactly centralized training, so no step was trained on twice.
+    cfg = _config(tmp_path, mode=mode, rounds=1, local_epochs=1)
+    run = split_run(cfg, clients=1, client_kw={"step_resend": 0.3})
+    trainer, device = run.trainer, run.clients[0]
+    lost, seen = set(), defaultdict(int)
+    on_up = trainer._on_up
+
+    def lossy_on_up(topic, sender, payload):
+        env = decode(payload)
+        step = env.meta.get("step")
+        if env.type in (MsgType.ACTIVATION, MsgType.LOGIT_GRADIENT) and step in (2, 5):
+            key = (env.type, step)
+            seen[key] += 1
+            if key not in lost:  # the first copy of these steps never reaches the cloud
+                lost.add(key)
+                return
+        on_up(topic, sender, payload)
+
+    trainer._on_up = lossy_on_up  # run() subscribes it
+    dev_post, cloud_post = device.endpoint.post, trainer.endpoint.post
+
+    def twice(post, every):
+        count = [0]
+
+        def send(topic, payload, **kw):
+            post(topic, payload, **kw)
+            count[0] += 1
+            if count[0] % every == 0:
+                post(topic, payload, **kw)
+
+        return send
+
+    device.endpoint.post = twice(dev_post, 3)
+    trainer.endpoint.post = twice(cloud_post, 4)
+    summary = trainer.run()
+
+    model, _ = build_model(cfg.model, seed=cfg.seed)
+    x, y = run.shards[0].x, run.shards[0].y
+    train_epochs(
+        model, x, y, epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        seed=round_seed("dev-0000", 1),
+    )  # fmt: skip
+    got = trainer.model.state_dict()
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(got[k].numpy(), v.numpy(), rtol=0, atol=2e-5, err_msg=k)
+    (row,) = run.rows()
+    assert row["status"] == "ok" and summary["accuracy"] > 0.5
+    assert all(n >= 2 for n in seen.values()) and len(seen) == (4 if mode == "ushaped" else 2)
+    assert row["duplicates"] >= 1  # the device's doubled sends, answered from the cache
+    assert device.rejected >= 1  # the cloud's doubled replies, refused as repeats
+    assert all("repeated reply" in r or "unknown step" in r for r in device.reasons)
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "ushaped"])

@@ -1,0 +1,168 @@
+"""What the SplitFed cloud sustains: samples/s at 1, 10, 50 devices, batched vs one at a time.
+
+Used by ``benchmarks/split_throughput.py``. For each device count the same
+:class:`cloud.split_trainer.SplitTrainer` runs SplitFed V2 twice on a fresh Mosquitto: once
+serving one device's step per cloud call (``batch_window=0``, the baseline) and once batching
+every device's pending step into one forward/backward. The devices replay fixed activations
+(``_splitfed_devices.py``, one separate process) so that the cloud, not the simulated phones,
+is the bottleneck; round 1 warms up, rounds 2.. are timed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _start_devices(url: str, model: str, count: int, samples: int, procs: int, mqtt_kw: dict):
+    out = []
+    for p in range(procs):
+        first = p * count // procs
+        n = (p + 1) * count // procs - first
+        if n == 0:
+            continue
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_splitfed_devices.py"), "--broker", url,
+             "--model", model, "--count", str(n), "--first", str(first),
+             "--samples", str(samples), "--max-seconds", "600",
+             "--qos", str(mqtt_kw.get("qos", 1)), "--protocol", mqtt_kw.get("protocol", "v5")],
+            stdout=subprocess.PIPE, text=True,  # stderr shows: a failing device must be seen
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        out.append(proc)
+    for proc in out:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                line = proc.stdout.readline()
+                if line.startswith("ready") or not line:
+                    break
+        if proc.poll() is not None:
+            raise RuntimeError(f"device process exited with {proc.returncode}")
+    return out
+
+
+def run_once(
+    *, model: str, devices: int, batched: bool, samples: int, batch_size: int, rounds: int,
+    device_procs: int, mqtt_kw: dict | None = None,
+) -> dict:  # fmt: skip
+    """One SplitFed V2 run; cloud samples/s over rounds 2.. and cloud calls per round."""
+    from cloud.broker import MosquittoBroker
+    from cloud.config import FederatedConfig
+    from cloud.split_trainer import SplitTrainer
+    from converters.datasets import load_dataset, train_test_split
+    from converters.mqtt import MqttConfig
+
+    _, test = train_test_split(load_dataset("digits"), test_fraction=0.2, seed=0)
+    broker = MosquittoBroker(extra_conf="max_connections -1\n").start()
+    procs = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
+            cfg = FederatedConfig(
+                run_id="bench", model=model, rounds=rounds, min_clients=devices,
+                local_epochs=1, batch_size=batch_size, lr=0.05, momentum=0.9,
+                mode="splitfed-v2", out_dir=tmp, round_timeout=300, register_timeout=120,
+            )  # fmt: skip
+            marks = []  # CPU seconds (cloud, devices, broker) after each round
+
+            def on_round(row):
+                marks.append((
+                    time.process_time(),
+                    sum(_cpu_seconds(p.pid) for p in procs),
+                    _cpu_seconds(broker.proc.pid),
+                ))  # fmt: skip
+
+            trainer = SplitTrainer(
+                cfg,
+                mqtt=MqttConfig.from_url(broker.url, client_id="cloud", **(mqtt_kw or {})),
+                test_set=test,
+                expected_devices=devices,
+                on_round=on_round,
+                batch_window=0.005 if batched else 0.0,
+                max_batch_devices=64,
+            )
+            procs = _start_devices(broker.url, model, devices, samples, device_procs, mqtt_kw or {})
+            trainer.run()
+            rows = trainer.report.rows[1:]
+            cpu = [b - a for a, b in zip(marks[0], marks[-1], strict=True)]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        broker.close()
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        raise RuntimeError(f"no timed round finished: {rows}")
+    samples_done = sum(r["samples"] for r in ok)
+    seconds = sum(r["seconds"] for r in ok)
+    compute = sum(r["cloud_compute_seconds"] for r in ok)
+    return {
+        "samples_per_s": samples_done / seconds,
+        # CPU seconds per 1,000 samples of each party over the timed rounds (evaluation of the
+        # merged model included in the cloud's): what the cloud needs regardless of how much
+        # of the 2 cores the simulated devices and the broker take.
+        "cloud_cpu_ms_per_1k": 1000 * cpu[0] / samples_done * 1000,
+        "devices_cpu_ms_per_1k": 1000 * cpu[1] / samples_done * 1000,
+        "broker_cpu_ms_per_1k": 1000 * cpu[2] / samples_done * 1000,
+        "cloud_calls_per_round": sum(r["cloud_calls"] for r in ok) / len(ok),
+        "compute_share": compute / seconds,
+        "compute_samples_per_s": samples_done / compute if compute else 0.0,
+        "rounds": len(ok),
+    }
+
+
+def bench_splitfed(
+    *, smoke: bool, model: str = "digits-cnn", device_procs: int = 1, mqtt_kw: dict | None = None
+) -> dict:
+    levels = (1, 10) if smoke else (1, 10, 50)
+    out = {}
+    for n in levels:
+        for batched in (False, True):
+            key = f"devices={n} {'batched' if batched else 'one-at-a-time'}"
+            out[key] = run_once(
+                model=model, devices=n, batched=batched, samples=64 if smoke else 256,
+                batch_size=16, rounds=2 if smoke else 3, device_procs=device_procs,
+                mqtt_kw=mqtt_kw,
+            )  # fmt: skip
+            print(f"  {key:<32} {out[key]['samples_per_s']:>8.0f} samples/s  "
+                  f"{out[key]['cloud_calls_per_round']:>6.0f} cloud calls/round  "
+                  f"compute {100 * out[key]['compute_share']:.0f}% of wall; CPU ms per 1k "
+                  f"samples: cloud {out[key]['cloud_cpu_ms_per_1k']:.0f} devices "
+                  f"{out[key]['devices_cpu_ms_per_1k']:.0f} broker "
+                  f"{out[key]['broker_cpu_ms_per_1k']:.0f}", flush=True)  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--model", default="digits-cnn")
+    ap.add_argument("--qos", type=int, default=1)
+    ap.add_argument("--protocol", default="v5")
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as split_throughput.py: the devices and broker share the 2 cores
+    bench_splitfed(smoke=a.smoke, model=a.model, mqtt_kw={"qos": a.qos, "protocol": a.protocol})
