@@ -86,10 +86,20 @@ class SplitTrainer(SplitMessaging):
 
         if config.mode not in SPLIT_MODES:
             raise ConfigError(f"mode must be one of {', '.join(SPLIT_MODES)}, got {config.mode!r}")
-        if config.dp != "none" or config.strategy != "fedavg":
+        if config.dp != "none":
             raise ConfigError(
-                f"mode={config.mode!r} supports dp='none' and strategy='fedavg' only, got "
-                f"dp={config.dp!r}, strategy={config.strategy!r}"
+                f"mode={config.mode!r} supports dp='none' only (noised activations: "
+                f"act_noise_clip / act_noise_multiplier), got dp={config.dp!r}"
+            )
+        if config.strategy != "fedavg" and config.mode not in PARALLEL_MODES:
+            raise ConfigError(
+                f"strategy={config.strategy!r} needs a SplitFed mode (splitfed-v1/v2 average "
+                f"device halves); mode={config.mode!r} relays one half device to device"
+            )
+        if config.strategy == "fedprox":
+            raise ConfigError(
+                "strategy='fedprox' is not supported in split modes: split devices do not add "
+                "the proximal term; use fedavg, fedavgm, fedadam, fedyogi, median or trimmed-mean"
             )
         if batch_window < 0 or max_batch_devices < 1:
             raise ValueError(
@@ -123,7 +133,10 @@ class SplitTrainer(SplitMessaging):
             momentum=config.momentum,
             num_classes=self.spec.num_classes,
         )
-        self.fedavg = get_strategy("fedavg")
+        # Device halves, and in V1 the cloud-half copies, each get their own instance: server
+        # momentum / Adam state belongs to one parameter set.
+        self.strategy = get_strategy(config.strategy, **config.strategy_args)
+        self.cloud_strategy = get_strategy(config.strategy, **config.strategy_args)
         self.rng = np.random.default_rng(config.seed)
         self.round = 0
         self.session = secrets.token_hex(8)
@@ -292,7 +305,7 @@ class SplitTrainer(SplitMessaging):
     def _aggregate(self, updates: list[ClientUpdate]) -> None:
         cfg = self.config
         if cfg.mode in PARALLEL_MODES:
-            self.device_params = self.fedavg.aggregate(self.device_params, updates)
+            self.device_params = self.strategy.aggregate(self.device_params, updates)
         if cfg.mode == "splitfed-v1":
             copies = self.half.copies()
             done = [u for u in updates if u.client_id in copies]
@@ -301,7 +314,7 @@ class SplitTrainer(SplitMessaging):
                 cloud_updates = [
                     ClientUpdate(u.client_id, copies[u.client_id], u.num_samples) for u in done
                 ]
-                merged = self.fedavg.aggregate(base, cloud_updates)
+                merged = self.cloud_strategy.aggregate(base, cloud_updates)
                 self._load(self.split.cloud, merged)
 
     def _load(self, module, params: dict) -> None:
@@ -363,7 +376,7 @@ class SplitTrainer(SplitMessaging):
                 "delta": cfg.delta if cfg.act_noise_clip > 0 else None,
                 "act_noise_clip": cfg.act_noise_clip,
                 "act_noise_multiplier": cfg.act_noise_multiplier,
-                "strategy": "fedavg",
+                "strategy": cfg.strategy,
                 "stray_rejected": self.stray_rejected,
                 "cloud_samples": sum(r.get("samples", 0) for r in self.report.rows),
             }

@@ -18,8 +18,9 @@ from cloud.cost_model import split_vs_fedavg_bytes
 from cloud.errors import SplitProtocolError
 from cloud.split_session import CloudHalf, StepInput
 from cloud.split_trainer import SplitTrainer
+from cloud.strategies import ClientUpdate, FedAvgM
 from converters.chunking import Kind, parse_frame
-from converters.errors import CodecError
+from converters.errors import CodecError, ConfigError
 from converters.federation_data import device_ids, federated_split
 from converters.mqtt import MqttConfig, MqttEndpoint
 from converters.tensor_codec import decode_tensors, encode_tensors
@@ -413,6 +414,64 @@ def test_splitfed_v1_averages_device_and_cloud_halves(split_run, mosquitto, tmp_
         want = sum(weight[d] * c[k] for d, c in copies.items())
         np.testing.assert_allclose(v.numpy(), want, atol=1e-6, err_msg=k)
     assert summary["accuracy"] > 0.7
+
+
+def test_splitfed_applies_the_configured_strategy_to_both_halves(split_run, mosquitto, tmp_path):
+    # FedAvgM (server momentum) on SplitFed V1: its own state for the device halves and for
+    # the cloud-half copies. Oracle: a fresh FedAvgM fed the MODEL and UPDATE bodies the
+    # broker carried gives the trainer's device half after every round.
+    cfg = _config(
+        tmp_path, mode="splitfed-v1", rounds=3, local_epochs=1, strategy="fedavgm",
+        strategy_args={"momentum": 0.6, "server_lr": 1.0},
+    )  # fmt: skip
+    sniffer = Sniffer(mosquitto, cfg.prefix)
+    run = split_run(cfg, clients=3)
+    summary = run.trainer.run()
+    envs = sniffer.envelopes()
+    oracle = FedAvgM(momentum=0.6, server_lr=1.0)
+    for r in range(1, cfg.rounds + 1):
+        models = [e for e in envs if e.type == MsgType.MODEL and e.round == r]
+        ups = [e for e in envs if e.type == MsgType.UPDATE and e.round == r]
+        assert len(models) == 3 and len(ups) == 3
+        base = decode_tensors(models[0].body)
+        want = oracle.aggregate(base, [
+            ClientUpdate(e.sender, decode_tensors(e.body), e.meta["num_samples"]) for e in ups
+        ])  # fmt: skip
+        if r < cfg.rounds:  # what round r+1 sent out is round r's aggregate
+            nxt = decode_tensors(
+                next(e for e in envs if e.type == MsgType.MODEL and e.round == r + 1).body
+            )
+            for k in want:
+                np.testing.assert_allclose(nxt[k], want[k], atol=1e-6, err_msg=f"round {r} {k}")
+    for k, v in run.trainer.device_params.items():
+        np.testing.assert_allclose(v, want[k], atol=1e-6, err_msg=k)
+    fedavg = sum(e.meta["num_samples"] * decode_tensors(e.body)["fc1.weight"] for e in ups) / sum(
+        e.meta["num_samples"] for e in ups
+    )
+    assert not np.allclose(run.trainer.device_params["fc1.weight"], fedavg, atol=1e-4)
+    assert summary["strategy"] == "fedavgm" and summary["accuracy"] > 0.7
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"mode": "vanilla", "strategy": "fedavgm"}, "strategy='fedavgm' needs a SplitFed mode"),
+        ({"mode": "splitfed-v2", "strategy": "fedprox"}, "fedprox' is not supported in split"),
+        (
+            {"mode": "splitfed-v1", "dp": "sample", "noise_multiplier": 1.0},
+            "supports dp='none' only",
+        ),
+    ],
+)
+def test_split_trainer_refuses_settings_it_cannot_honour(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        SplitTrainer(
+            _config(tmp_path, **kw),
+            mqtt=MqttConfig(client_id="cloud", port=1),
+            test_set=federated_split("digits", clients=1, scheme="iid", seed=0, test_fraction=0.2)[
+                1
+            ],
+        )
 
 
 def _v2(split_run, tmp_path, name, window):
