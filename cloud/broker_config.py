@@ -54,8 +54,9 @@ def _hand_to_broker_user(user: str | None, out: Path, *files: Path) -> None:
 def acl_text(*, cloud_user: str = "cloud", prefix: str = "edgesplit") -> str:
     """The ACL: the cloud reads/writes everything under ``prefix``; a device only its own topics.
 
-    Devices read ``ctrl`` and their own ``down``, write their own ``up`` and read/write their own
-    ``presence`` (not others': who else is online is the cloud's business).
+    Devices read ``ctrl`` and their own ``down``, write their own ``up`` and ``steps`` (split
+    steps to the cloud's step workers) and read/write their own ``presence`` (not others': who
+    else is online is the cloud's business).
     """
     return (
         "# edgesplit ACL. %u is the authenticated username (= device id).\n"
@@ -63,6 +64,8 @@ def acl_text(*, cloud_user: str = "cloud", prefix: str = "edgesplit") -> str:
         f"pattern read {prefix}/down/%u\n"
         f"pattern write {prefix}/up/%u\n"
         f"pattern readwrite {prefix}/presence/%u\n"
+        f"pattern write {prefix}/steps/%u\n"
+        f"pattern write {prefix}/steps/%u/+\n"
         f"\nuser {cloud_user}\n"
         f"topic readwrite {prefix}/#\n"
     )

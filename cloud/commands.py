@@ -14,6 +14,7 @@ def register(subparsers) -> None:
     """Adds this package's subcommands to the ``edgesplit`` parser."""
     from cloud.broker_commands import register_broker_commands
     from cloud.serve_commands import register_serve_commands
+    from cloud.split_worker_commands import register_split_worker_commands
 
     sim = subparsers.add_parser(
         "simulate",
@@ -46,6 +47,7 @@ def register(subparsers) -> None:
     cloud.set_defaults(func=run_cloud)
     register_broker_commands(subparsers)
     register_serve_commands(subparsers)
+    register_split_worker_commands(subparsers)
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -79,6 +81,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut", help="split modes: edge/cloud cut point (default: the model's)")
     p.add_argument("--head-cut", help="ushaped: cloud/head cut point (default: the last one)")
     p.add_argument("--act-codec", choices=["float32", "fp16", "int8"], help="split activations")
+    p.add_argument(
+        "--split-workers", type=int,
+        help="splitfed-v1: step workers serve the cloud half through the broker (simulate "
+        "starts N; with cloud, start them with `edgesplit split-worker`)",
+    )  # fmt: skip
     p.add_argument("--dp", choices=["none", "sample", "user"])
     p.add_argument(
         "--secure",

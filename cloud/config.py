@@ -80,6 +80,10 @@ class FederatedConfig:
     # SecAgg+ (Bell et al., CCS'20): neighbours per device in secagg's k-regular graph;
     # 0 = 2 * ceil(log2 n) + 1, n - 1 or more = plain SecAgg (every pair of devices).
     secagg_neighbours: int = 0
+    # SplitFed V1 only: the cloud half's steps are served by step workers (cloud.split_worker)
+    # sharing the load through the broker; `simulate` starts this many, `cloud` expects them
+    # to be started separately (`edgesplit split-worker`). 0 = served in the trainer's process.
+    split_workers: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -144,6 +148,14 @@ class FederatedConfig:
         )
         _check(
             self.secagg_neighbours >= 0, "secagg_neighbours", "must be >= 0", self.secagg_neighbours
+        )
+        _check(self.split_workers >= 0, "split_workers", "must be >= 0", self.split_workers)
+        _check(
+            self.split_workers == 0 or self.mode == "splitfed-v1",
+            "split_workers",
+            f"needs mode 'splitfed-v1' (per-device cloud copies a worker can own), "
+            f"mode is {self.mode!r}",
+            self.split_workers,
         )
 
     def to_dict(self) -> dict:

@@ -89,6 +89,24 @@ def _spawn_workers(
     return procs
 
 
+def _spawn_step_workers(config: FederatedConfig, url: str) -> list[subprocess.Popen]:
+    """``config.split_workers`` step worker processes, each subscribed before it returns."""
+    procs = []
+    for i in range(config.split_workers):
+        cmd = [
+            sys.executable, "-m", "converters.cli", "split-worker", "--broker", url,
+            "--id", f"steps-{i:02d}", "--prefix", config.prefix,
+            "--max-seconds", str(config.register_timeout + config.rounds * config.round_timeout),
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    for p in procs:
+        line = p.stdout.readline()  # "ready <id>" once subscribed, "" if it died
+        if not line.startswith("ready"):
+            _stop_workers(procs, grace=0.1)
+            raise RuntimeError(f"a step worker did not start (exit code {p.poll()})")
+    return procs
+
+
 def simulate(
     config: FederatedConfig,
     options: SimulationOptions,
@@ -121,7 +139,13 @@ def simulate(
         # Simulated devices are new devices: an earlier run's DP ledgers are not theirs.
         shutil.rmtree(Path(config.out_dir) / "device-state", ignore_errors=True)
     try:
-        procs = _spawn_workers(config, options, url)
+        if config.split_workers and type(broker).__name__ == "EmbeddedBroker":
+            raise ValueError(
+                "split_workers needs MQTT shared subscriptions, which the embedded broker lacks; "
+                "install mosquitto or pass --broker-kind mosquitto / --broker URL"
+            )
+        procs = _spawn_step_workers(config, url)
+        procs += _spawn_workers(config, options, url)
         if config.mode == "fedavg":
             server = FederatedServer(
                 config,

@@ -61,6 +61,12 @@ class SplitMessaging:
     _state_lock: threading.Lock
     _seq: int
     _seq_lock: threading.Lock
+    cut: str
+    workers_mode: bool
+    _half_updates: dict
+    _half_workers: dict
+    _half_body: bytes
+    _cloud_expect: dict
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -282,6 +288,61 @@ class SplitMessaging:
         reason = state.add_update(update)
         if reason is not None:
             log.info("update ignored: %s", reason)
+
+    # -- step workers (cloud.split_worker) -----------------------------------------------------
+
+    def _send_worker(self, worker: str, payload: bytes) -> None:
+        try:
+            self.endpoint.send(self.topics.worker(worker, "down"), payload, timeout=30)
+        except TransportError as exc:
+            log.warning("message for step worker %s not delivered: %s", worker, exc)
+
+    def _on_worker(self, topic: str, sender: str, payload: bytes) -> None:
+        """HALF_REQUEST: the round's cloud half; HALF_UPDATE: one device's trained copy."""
+        try:
+            worker = self.topics.parse_worker(topic)
+            env = decode(payload, max_bytes=self.config.max_update_bytes, run_id=self.config.run_id)
+            if env.sender != worker:
+                raise WireError(f"sender {env.sender!r} does not match topic worker {worker!r}")
+        except WireError as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        state, pool = self._current(), self._pool
+        if state is None or env.round != state.round:
+            log.info("%s from worker %s for round %d outside its round; ignored",
+                     env.type.name, worker, env.round)  # fmt: skip
+            if env.type == MsgType.HALF_REQUEST and pool is not None:
+                err = {"error": f"round {env.round} is not running"}
+                pool.submit(self._send_worker, worker,
+                            self._envelope(MsgType.ERROR, env.round, err))  # fmt: skip
+            return
+        if env.type == MsgType.HALF_REQUEST:
+            cfg = self.config
+            meta = {"model": cfg.model, "cut": self.cut, "session": self.session,
+                    "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
+                    "act_codec": cfg.act_codec}  # fmt: skip
+            reply = self._envelope(MsgType.HALF, state.round, meta, self._half_body)
+            if pool is not None:
+                pool.submit(self._send_worker, worker, reply)
+            return
+        if env.type != MsgType.HALF_UPDATE:
+            self._reject(f"worker {worker}: unexpected message type {env.type.name}")
+            return
+        device = env.meta.get("device")
+        try:
+            if device not in state.selected:
+                raise SplitProtocolError(f"meta.device {device!r} is not selected this round")
+            params = decode_tensors(env.body, expect=self._cloud_expect)
+        except (WireError, SplitProtocolError) as exc:
+            self._reject(f"HALF_UPDATE from worker {worker} round {env.round}: {exc}")
+            return
+        with state.cond:
+            if device in self._half_updates:
+                state.duplicates += 1
+                return
+            self._half_updates[device] = params
+            self._half_workers[device] = worker
+            state.cond.notify_all()
 
     # -- the cloud half (compute thread) ---------------------------------------------------
 

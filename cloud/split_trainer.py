@@ -149,6 +149,16 @@ class SplitTrainer(SplitMessaging):
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._ledger = StepLedger()
+        # Step workers (config.split_workers): each device's trained cloud-half copy, by device,
+        # and which worker trained it; the round's cloud half, encoded once for HALF replies.
+        self.workers_mode = config.split_workers > 0
+        self._half_updates: dict[str, dict[str, np.ndarray]] = {}
+        self._half_workers: dict[str, str] = {}
+        self._half_body = b""
+        self._cloud_expect = {
+            k: (tuple(v.shape), v.numpy().dtype.name)
+            for k, v in self.split.cloud.state_dict().items()
+        }
         self._work = StepQueue(
             window=self.batch_window, max_devices=max_batch_devices, active=self._active
         )
@@ -173,6 +183,7 @@ class SplitTrainer(SplitMessaging):
             "mode": cfg.mode,
             "cut": self.cut,
             "head_cut": self.head_cut,
+            "steps": "workers" if self.workers_mode else "cloud",
             "config": {
                 "epochs": cfg.local_epochs,
                 "batch_size": cfg.batch_size,
@@ -193,10 +204,17 @@ class SplitTrainer(SplitMessaging):
         payload = self._envelope(MsgType.MODEL, round_, self._model_meta(), body)
         self._pool.submit(self._send, device, payload)
 
-    @staticmethod
-    def _wait(state: RoundState, devices: set[str], deadline: float) -> None:
+    def _outstanding(self, state: RoundState, devices: set[str]) -> set[str]:
+        """Devices still owing their UPDATE (and, with step workers, their cloud-half copy).
+        Call with ``state.cond`` held."""
+        left = devices & state.pending()
+        if self.workers_mode:
+            left |= devices - set(self._half_updates) - state.dropped
+        return left
+
+    def _wait(self, state: RoundState, devices: set[str], deadline: float) -> None:
         with state.cond:
-            while devices & state.pending() and time.monotonic() < deadline:
+            while self._outstanding(state, devices) and time.monotonic() < deadline:
                 state.cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def _select(self) -> list[str]:
@@ -218,6 +236,14 @@ class SplitTrainer(SplitMessaging):
         state = RoundState(round=self.round, selected=frozenset(selected))
         self.half.begin_round()
         self._ledger.forget()
+        if self.workers_mode:
+            with state.cond:
+                self._half_updates.clear()
+                self._half_workers.clear()
+            self._half_body = encode_tensors(
+                {k: v.detach().numpy() for k, v in self.split.cloud.state_dict().items()},
+                codec="float32",
+            )
         with self._state_lock:
             self._state = state
         self._announce(MsgType.ROUND_START, "running")
@@ -250,6 +276,11 @@ class SplitTrainer(SplitMessaging):
                 "late": state.late,
                 "duplicates": state.duplicates,
             }
+            if self.workers_mode:
+                # A device counts only with its cloud-half copy: its worker may have died.
+                updates = [u for u in updates if u.client_id in self._half_updates]
+                row["clients_ok"] = len(updates)
+                row["step_workers"] = len(set(self._half_workers.values()))
         if cfg.act_noise_clip > 0:
             row["epsilon"] = self._act_noise_epsilon(updates)
         if updates and len(updates) >= min(cfg.min_clients, len(selected)):
@@ -307,7 +338,7 @@ class SplitTrainer(SplitMessaging):
         if cfg.mode in PARALLEL_MODES:
             self.device_params = self.strategy.aggregate(self.device_params, updates)
         if cfg.mode == "splitfed-v1":
-            copies = self.half.copies()
+            copies = dict(self._half_updates) if self.workers_mode else self.half.copies()
             done = [u for u in updates if u.client_id in copies]
             if done:
                 base = {k: v.detach().numpy() for k, v in self.split.cloud.state_dict().items()}
@@ -343,6 +374,8 @@ class SplitTrainer(SplitMessaging):
         self.endpoint.connect()
         self.endpoint.subscribe(self.topics.presence_wildcard(), self._on_presence)
         self.endpoint.subscribe(self.topics.up_wildcard(), self._on_up)
+        if self.workers_mode:
+            self.endpoint.subscribe(self.topics.workers_up_wildcard(), self._on_worker)
         worker = threading.Thread(target=self._compute_loop, name="split-cloud", daemon=True)
         worker.start()
         try:

@@ -139,6 +139,53 @@ class Topics:
             raise WireError(f"group must be a single topic level without '/', got {group!r}")
         return f"$share/{group}/{self.up_wildcard()}"
 
+    # -- split-learning step workers (cloud.split_worker) ----------------------------------
+
+    def steps(self, device_id: str, worker: str | None = None) -> str:
+        """Device -> step workers: a session's first step (shared pick-up) or, once a worker
+        has answered, every further step to that worker only (sticky routing)."""
+        base = f"{self.prefix}/steps/{validate_device_id(device_id)}"
+        return base if worker is None else f"{base}/{validate_device_id(worker)}"
+
+    def shared_steps(self, group: str) -> str:
+        """Shared subscription of the step workers of ``group``: each session start once."""
+        _check_level(group, "group")
+        if "/" in group:
+            raise WireError(f"group must be a single topic level without '/', got {group!r}")
+        return f"$share/{group}/{self.prefix}/steps/+"
+
+    def worker_steps(self, worker: str) -> str:
+        """Filter one step worker subscribes to for the sessions it owns."""
+        return f"{self.prefix}/steps/+/{validate_device_id(worker)}"
+
+    def worker(self, worker: str, direction: str) -> str:
+        """Coordinator <-> one step worker (``direction`` "up": to the coordinator)."""
+        if direction not in ("up", "down"):
+            raise WireError(f"direction must be 'up' or 'down', got {direction!r}")
+        return f"{self.prefix}/workers/{validate_device_id(worker)}/{direction}"
+
+    def workers_up_wildcard(self) -> str:
+        """Filter the coordinator subscribes to for every step worker's messages."""
+        return f"{self.prefix}/workers/+/up"
+
+    def parse_steps(self, topic: str) -> tuple[str, str | None]:
+        """``(device_id, worker or None)`` of a step topic; WireError if it is not one."""
+        head = f"{self.prefix}/steps/"
+        parts = topic[len(head) :].split("/") if topic.startswith(head) else []
+        if len(parts) not in (1, 2):
+            raise WireError(f"topic {topic!r} is not a step topic under {self.prefix!r}")
+        return validate_device_id(parts[0]), (
+            validate_device_id(parts[1]) if len(parts) == 2 else None
+        )
+
+    def parse_worker(self, topic: str) -> str:
+        """The worker id of a ``<prefix>/workers/<id>/up`` topic; WireError otherwise."""
+        head = f"{self.prefix}/workers/"
+        parts = topic[len(head) :].split("/") if topic.startswith(head) else []
+        if len(parts) != 2 or parts[1] != "up":
+            raise WireError(f"topic {topic!r} is not a worker uplink under {self.prefix!r}")
+        return validate_device_id(parts[0])
+
     def parse_device(self, topic: str) -> tuple[str, str]:
         """Split a device topic into ``(kind, device_id)``.
 
@@ -175,5 +222,10 @@ class Topics:
         """
         return {
             "read": [self.ctrl(), self.down(device_id)],
-            "write": [self.up(device_id), self.presence(device_id)],
+            "write": [
+                self.up(device_id),
+                self.presence(device_id),
+                self.steps(device_id),
+                f"{self.steps(device_id)}/+",
+            ],
         }

@@ -53,6 +53,9 @@ class MsgType(IntEnum):
     INFER_REPLY = 35  # cloud -> device: predictions
     LOGITS = 36  # cloud -> device: U-shaped split, server output back to the label-holding device
     LOGIT_GRADIENT = 37  # device -> cloud: U-shaped split, gradient of the loss w.r.t. LOGITS
+    HALF_REQUEST = 38  # step worker -> coordinator: send me the cloud half of meta["round"]
+    HALF = 39  # coordinator -> step worker: the round's cloud-half parameters
+    HALF_UPDATE = 40  # step worker -> coordinator: one device's trained cloud-half copy
     # secure aggregation (Bonawitz et al.) and HE aggregation (Phong et al.)
     KEY_ADVERTISE = 48  # device -> cloud -> devices: public keys
     KEY_SHARE = 49  # device -> cloud -> device: encrypted Shamir shares

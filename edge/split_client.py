@@ -161,6 +161,10 @@ class SplitClient(DeviceLink):
         self._done: set[tuple] = set()
         self._rng = np.random.default_rng([options.seed, device_seed(self.id)])
         self._halves = None  # (model_ref, cut, head_cut) -> torch modules, built lazily
+        # Step workers (cloud.split_worker): steps go to <prefix>/steps/<id>, then to the
+        # worker that answered the first one.
+        self._via_workers = False
+        self._worker: str | None = None
         self._codec = "float32"
         # Activation noise (split.privacy.activation_noise): the layer keeps its OS-seeded
         # generator across rounds; one per-sample ledger per run counts the noised releases.
@@ -272,12 +276,22 @@ class SplitClient(DeviceLink):
             meta={"step": step, **meta},
             body=encode_tensors(tensors, codec=self._codec),
         )
-        payload, topic = encode(msg), self.topics.up(self.id)
+        payload, topic = encode(msg), self._step_topic()
         opts = self.options
         deadline = time.monotonic() + opts.step_timeout
         if not self.endpoint.fits_one_frame(topic, len(payload)):
+            if self._via_workers and self._worker is None:
+                # A shared subscription may hand each frame of a stream to another worker.
+                raise SplitProtocolError(
+                    f"step {step}: {len(payload)} bytes do not fit one frame, which the first "
+                    "step of a session must (step workers pick it up through a shared "
+                    "subscription); use a smaller batch or a compressing act_codec"
+                )
             # Multi-frame: the transport's acks deliver it; the cloud's reply is then awaited.
-            self.endpoint.send(topic, payload, timeout=opts.send_timeout)
+            self.endpoint.send(
+                topic, payload, timeout=opts.send_timeout,
+                ack_topic_for_peer=self.topics.down(self.id),
+            )  # fmt: skip
             resend = math.inf
         else:
             # One frame, no transport ack: the reply acknowledges it. If none comes within
@@ -296,12 +310,35 @@ class SplitClient(DeviceLink):
                         f"step {step}: no reply from the cloud within {opts.step_timeout} s"
                     ) from None
                 log.info("%s: no reply to step %d yet; sending it again", self.id, step)
-                self.endpoint.post(topic, payload)
+                self.endpoint.post(self._step_topic(), payload)
         if reply is None:
             raise TransportError("device stopped")
+        self._pin_worker(reply)
         if reply.type == MsgType.ERROR:
             raise SplitProtocolError(f"cloud refused step {step}: {reply.meta.get('error')}")
         return reply
+
+    def _step_topic(self) -> str:
+        if not self._via_workers:
+            return self.topics.up(self.id)
+        return self.topics.steps(self.id, self._worker)
+
+    def _pin_worker(self, reply: Envelope) -> None:
+        """Sticky routing: the worker that answered the session's first step owns it."""
+        if not self._via_workers or reply.type == MsgType.ERROR:
+            return
+        worker = reply.meta.get("worker")
+        if self._worker is None:
+            try:
+                self._worker = validate_device_id(worker)
+            except (WireError, ValueError, TypeError):
+                raise SplitProtocolError(
+                    f"step reply from a step worker needs meta.worker (an id), got {worker!r}"
+                ) from None
+        elif worker != self._worker:
+            raise SplitProtocolError(
+                f"step answered by worker {worker!r}, but {self._worker!r} owns this session"
+            )
 
     def _reply_tensor(self, reply: Envelope, want: MsgType, name: str, shape) -> np.ndarray:
         if reply.type != want:
@@ -346,6 +383,7 @@ class SplitClient(DeviceLink):
             own = m.state_dict()
             m.load_state_dict({k: torch.from_numpy(params[k]) for k in own})
         self._codec = str(cfg.get("act_codec", "float32"))
+        self._via_workers, self._worker = meta.get("steps") == "workers", None
         ledger, sigma = self._setup_noise(env.run_id, cfg)
         epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])
         lr, momentum = float(cfg["lr"]), float(cfg.get("momentum", 0.0))
@@ -376,6 +414,8 @@ class SplitClient(DeviceLink):
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 meta = {"epoch": epoch, "batch": len(idx)}
+                if self._via_workers and step == epochs * steps_per_epoch:
+                    meta["last"] = True  # the worker then sends our cloud-half copy on
                 loss = self._step(env, step, meta, sm, xt[idx], yb)
                 if loss is not None:
                     losses.append(loss * len(idx))

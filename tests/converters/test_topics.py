@@ -45,7 +45,8 @@ def test_topics_parse_back_and_wildcards_cover_exactly_their_kind(prefix, dev, o
     acl = t.device_acl(dev)
     if other != dev:
         # No topic of another device is readable or writable under this device's ACL.
-        theirs = [t.up(other), t.down(other), t.presence(other)]
+        theirs = [t.up(other), t.down(other), t.presence(other), t.steps(other),
+                  t.steps(other, "w1")]  # fmt: skip
         assert not any(mqtt_match(f, x) for f in acl["read"] + acl["write"] for x in theirs)
 
 
@@ -148,16 +149,20 @@ def test_broker_enforces_the_device_acl(acl_broker):
         dev.subscribe(f"{t.prefix}/#", qos=1)
         cloud.subscribe(t.up_wildcard(), qos=1)
         cloud.subscribe(t.presence_wildcard(), qos=1)
+        cloud.subscribe(f"{t.prefix}/steps/#", qos=1)
         time.sleep(0.3)
         for topic in [t.ctrl(), t.down("pi-01"), t.down("pi-02"), t.up("pi-02")]:
             cloud.publish(topic, b"x", qos=1).wait_for_publish(5)
-        for topic in [t.up("pi-01"), t.presence("pi-01"), t.up("pi-02"), t.presence("pi-02")]:
+        mine = [t.up("pi-01"), t.presence("pi-01"), t.steps("pi-01"), t.steps("pi-01", "w1")]
+        theirs = [t.up("pi-02"), t.presence("pi-02"), t.steps("pi-02"), t.steps("pi-02", "w1")]
+        for topic in mine + theirs:
             dev.publish(topic, b"y", qos=1).wait_for_publish(5)
         allowed = t.device_acl("pi-01")
+        assert all(any(mqtt_match(f, x) for f in allowed["write"]) for x in mine)
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             with lock:
-                if len(cloud_seen) >= 3 and len(dev_seen) >= 2:
+                if len(cloud_seen) >= 5 and len(dev_seen) >= 2:
                     break
             time.sleep(0.05)
         time.sleep(0.3)  # give any forbidden delivery the chance to show up
@@ -167,7 +172,7 @@ def test_broker_enforces_the_device_acl(acl_broker):
             got_down = {topic for topic, body in dev_seen if body == b"x"}
             got_up = {topic for topic, body in cloud_seen if body == b"y"}
             assert got_down == set(allowed["read"])
-            assert got_up == set(allowed["write"])
+            assert got_up == set(mine)
     finally:
         for c in (dev, cloud):
             c.loop_stop()

@@ -1,0 +1,265 @@
+"""Split-learning step workers: several processes share the cloud half's work through the broker.
+
+With ``split_workers`` set, a SplitFed V1 coordinator (:class:`cloud.split_trainer.SplitTrainer`)
+keeps the rounds, the device halves and the averaging, and hands the per-step work to step
+workers, any number of them, on any machine that reaches the broker:
+
+1. A device sends the first step of its round to ``<prefix>/steps/<device>``. The workers
+   subscribe to it through one shared subscription (``$share/<group>/<prefix>/steps/+``), so
+   the broker gives that step to exactly one of them: the session's owner.
+2. The owner answers (GRADIENT, ``meta.worker`` = its id) and the device sends every further
+   step of the round to ``<prefix>/steps/<device>/<worker>``, which only the owner reads:
+   sticky routing, because the owner holds the device's cloud-half copy (V1).
+3. The first step of a round it has not seen makes a worker ask the coordinator for that
+   round's cloud half (HALF_REQUEST -> HALF, point to point on ``<prefix>/workers/<id>/...``).
+4. After answering the step the device marks ``last``, the owner sends the device's trained
+   copy to the coordinator (HALF_UPDATE), which averages the copies like the device halves.
+
+A worker that dies takes its sessions with it: their devices get no reply, give up the round
+after ``step_timeout`` and report an error, the round goes on without them and next round their
+first step reaches a live worker. A step is never trained twice (:class:`StepLedger`); a device
+that resends its first step to the shared topic may reach a second worker, but it keeps the
+first answer's owner and the other copy is never sent (it has no ``last`` step).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+
+from cloud.errors import SplitProtocolError
+from cloud.split_session import CloudHalf
+from cloud.split_steps import StepLedger, decode_activation, grad_scale
+from converters.errors import TransportError, WireError
+from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.tensor_codec import decode_tensors, encode_tensors
+from converters.topics import Topics, validate_device_id
+from converters.wire import Envelope, MsgType, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+class _RoundHalf:
+    """The cloud half of one (run, round) as the coordinator sent it, and the sessions on it."""
+
+    def __init__(self, env: Envelope) -> None:
+        import torch
+
+        from split.graph import split_model
+        from split.zoo import build_model
+
+        meta = env.meta
+        model, spec = build_model(meta["model"], seed=0)
+        sm = split_model(model, cut=meta["cut"], example_input=torch.zeros(2, *spec.input_shape))
+        own = sm.cloud.state_dict()
+        params = decode_tensors(
+            env.body, expect={k: (tuple(v.shape), v.numpy().dtype.name) for k, v in own.items()}
+        )
+        sm.cloud.load_state_dict({k: torch.from_numpy(params[k]) for k in own})
+        self.activation_shape = sm.activation_shape
+        self.batch_size = int(meta["batch_size"])
+        self.codec = str(meta.get("act_codec", "float32"))
+        self.half = CloudHalf(
+            mode="splitfed-v1",
+            module=sm.cloud,
+            lr=float(meta["lr"]),
+            momentum=float(meta["momentum"]),
+            num_classes=spec.num_classes,
+        )
+
+
+class SplitStepWorker:
+    """One step worker: serves the split steps of the sessions it picks up.
+
+    Args:
+        worker_id: MQTT-safe id, also the MQTT client id and the sticky topic's last level.
+        group: shared-subscription group; the coordinator's workers all use the same one.
+        mqtt: broker connection (client_id must equal ``worker_id``).
+        prefix: topic prefix shared with the coordinator and devices.
+        fetch_timeout: seconds to wait for the coordinator's cloud half of a new round.
+        max_message_bytes: larger step messages are rejected before parsing.
+    """
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        group: str,
+        mqtt: MqttConfig,
+        prefix: str = "edgesplit",
+        fetch_timeout: float = 30.0,
+        max_message_bytes: int = 64 * 2**20,
+    ) -> None:
+        self.id = validate_device_id(worker_id)
+        if mqtt.client_id != self.id:
+            raise ValueError(f"mqtt.client_id must equal worker_id {self.id!r}")
+        self.group = group
+        self.topics = Topics(prefix=prefix)
+        self.fetch_timeout = fetch_timeout
+        self.max_message_bytes = max_message_bytes
+        self.endpoint = MqttEndpoint(mqtt)
+        self._ledger = StepLedger()
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._halves: dict[tuple[str, int], _RoundHalf] = {}
+        self._fetched: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"steps-{self.id}", daemon=True)
+        self._seq = 0
+        self.steps_served = 0
+        self.sessions: set[tuple[str, int, str]] = set()  # (run, round, device) owned
+        self.rejected = 0
+        self.reasons: list[str] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> SplitStepWorker:
+        self.endpoint.connect()
+        self.endpoint.subscribe(self.topics.worker(self.id, "down"), self._on_half)
+        self.endpoint.subscribe(self.topics.worker_steps(self.id), self._on_step)
+        self.endpoint.subscribe(self.topics.shared_steps(self.group), self._on_step)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._work.put(None)
+        self._thread.join(timeout=5)
+        self.endpoint.close()
+
+    def _reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.reasons.append(reason[:300])
+        del self.reasons[:-50]
+        log.warning("%s rejected: %s", self.id, reason)
+
+    # -- incoming (MQTT dispatcher thread) ---------------------------------------------------
+
+    def _on_step(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            device, worker = self.topics.parse_steps(topic)
+            env = decode(payload, max_bytes=self.max_message_bytes)
+            if env.sender != device:
+                raise WireError(f"sender {env.sender!r} does not match topic device {device!r}")
+            if env.type != MsgType.ACTIVATION:
+                raise WireError(f"step topics carry ACTIVATION only, got {env.type.name}")
+            step = env.meta.get("step")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise WireError(f"meta.step must be an int >= 0, got {step!r}")
+        except WireError as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        if worker is not None and worker != self.id:
+            return  # not ours (an overlapping subscription)
+        seen = self._ledger.admit(device, (env.round, step, env.type))
+        if isinstance(seen, bytes):
+            self._post(device, seen)
+            return
+        if seen == StepLedger.QUEUED:
+            return
+        self._work.put((device, env))
+
+    def _on_half(self, topic: str, sender: str, payload: bytes) -> None:
+        try:
+            env = decode(payload, max_bytes=self.max_message_bytes)
+        except WireError as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        if env.type in (MsgType.HALF, MsgType.ERROR):
+            self._fetched.put(env)
+        else:
+            self._reject(f"{topic}: unexpected {env.type.name} from the coordinator")
+
+    # -- the cloud half (worker thread) -----------------------------------------------------
+
+    def _loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            device, env = item
+            try:
+                self._serve(device, env)
+            except (WireError, SplitProtocolError, TransportError, ValueError, KeyError) as exc:
+                reason = f"ACTIVATION from {device} step {env.meta.get('step')}: {exc}"
+                self._reject(reason)
+                error = self._envelope(
+                    MsgType.ERROR, env, {"error": reason[:500], "step": env.meta.get("step")}
+                )
+                self._ledger.answered(device, (env.round, env.meta["step"], env.type), error)
+                self._post(device, error)
+            except Exception:  # a bug must not kill the worker's only compute thread
+                log.exception("%s: step from %s failed", self.id, device)
+
+    def _round_half(self, env: Envelope) -> _RoundHalf:
+        key = (env.run_id, env.round)
+        if key in self._halves:
+            return self._halves[key]
+        while not self._fetched.empty():  # answers to earlier, abandoned requests
+            self._fetched.get_nowait()
+        req = Envelope(type=MsgType.HALF_REQUEST, run_id=env.run_id, round=env.round,
+                       sender=self.id, seq=self._next_seq(), meta={})  # fmt: skip
+        self.endpoint.send(self.topics.worker(self.id, "up"), encode(req), timeout=10)
+        deadline = time.monotonic() + self.fetch_timeout
+        while True:
+            try:
+                got = self._fetched.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TransportError(
+                    f"no cloud half for run {env.run_id} round {env.round} from the coordinator "
+                    f"within {self.fetch_timeout} s"
+                ) from None
+            if got.type == MsgType.ERROR:
+                raise SplitProtocolError(f"coordinator refused: {got.meta.get('error')}")
+            if (got.run_id, got.round) == key:
+                break
+        self._halves = {k: v for k, v in self._halves.items() if k[0] == env.run_id}
+        for old in sorted(self._halves)[:-1]:  # keep the previous round for late steps
+            del self._halves[old]
+        self._halves[key] = _RoundHalf(got)
+        return self._halves[key]
+
+    def _serve(self, device: str, env: Envelope) -> None:
+        from cloud.split_session import StepInput
+
+        rh = self._round_half(env)
+        item: StepInput = decode_activation(
+            device, env, batch_size=rh.batch_size, activation_shape=rh.activation_shape,
+            with_labels=True,
+        )  # fmt: skip
+        (grad,) = rh.half.train_step([item])
+        self.sessions.add((env.run_id, env.round, device))
+        self.steps_served += 1
+        scale = grad_scale(grad, rh.codec)
+        meta = {"step": item.step, "epoch": env.meta.get("epoch", 0), "scale": scale,
+                "worker": self.id}  # fmt: skip
+        body = encode_tensors(
+            {"grad": grad * np.float32(scale) if scale != 1 else grad}, codec=rh.codec
+        )
+        reply = self._envelope(MsgType.GRADIENT, env, meta, body)
+        self._ledger.answered(device, (env.round, item.step, env.type), reply)
+        self._post(device, reply)
+        if env.meta.get("last") is True:
+            params = rh.half.copies()[device]
+            up = self._envelope(MsgType.HALF_UPDATE, env, {"device": device},
+                                encode_tensors(params, codec="float32"))  # fmt: skip
+            self.endpoint.send(self.topics.worker(self.id, "up"), up, timeout=60)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _envelope(self, msg_type: MsgType, env: Envelope, meta: dict, body: bytes = b"") -> bytes:
+        out = Envelope(type=msg_type, run_id=env.run_id, round=env.round, sender=self.id,
+                       seq=self._next_seq(), meta=meta, body=body)  # fmt: skip
+        return encode(out)
+
+    def _post(self, device: str, payload: bytes) -> None:
+        topic = self.topics.down(device)
+        try:
+            if self.endpoint.fits_one_frame(topic, len(payload)):
+                self.endpoint.post(topic, payload)
+            else:
+                self.endpoint.send(topic, payload, timeout=30)
+        except TransportError as exc:
+            log.warning("%s: reply for %s not delivered: %s", self.id, device, exc)

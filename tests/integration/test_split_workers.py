@@ -1,0 +1,158 @@
+"""SplitFed V1 with step workers on a real Mosquitto: shared pick-up, sticky sessions, failover."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from cloud.config import FederatedConfig
+from cloud.split_trainer import SplitTrainer
+from cloud.split_worker import SplitStepWorker
+from converters.errors import ConfigError
+from converters.federation_data import device_ids, federated_split
+from converters.mqtt import MqttConfig
+from edge.split_client import SplitClient, SplitClientOptions
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _config(tmp_path, name: str, **kw) -> FederatedConfig:
+    base = dict(
+        run_id="sw", model="digits-mlp", mode="splitfed-v1", rounds=2, min_clients=1,
+        local_epochs=1, batch_size=16, lr=0.1, momentum=0.9, round_timeout=60.0,
+        register_timeout=15.0, out_dir=str(tmp_path / name), seed=0, prefix=f"sw-{name}",
+    )  # fmt: skip
+    return FederatedConfig(**{**base, **kw})
+
+
+class Federation:
+    """Devices, optional step workers and the coordinator on one broker."""
+
+    def __init__(self, broker, config, *, clients: int, workers: int = 0, step_timeout=30.0):
+        self.config = config
+        shards, test = federated_split(
+            config.dataset, clients=clients, scheme="iid", seed=0, test_fraction=0.2
+        )
+        self.devices = []
+        for dev, shard in zip(device_ids(clients), shards, strict=True):
+            opts = SplitClientOptions(
+                device_id=dev, prefix=config.prefix, step_timeout=step_timeout, step_resend=5.0
+            )
+            c = SplitClient(
+                options=opts, mqtt=MqttConfig.from_url(broker.url, client_id=dev),
+                x=shard.x, y=shard.y,
+            )  # fmt: skip
+            self.devices.append(c.start() or c)
+        self.workers = [
+            SplitStepWorker(
+                worker_id=f"w{i}",
+                group="g",
+                prefix=config.prefix,
+                mqtt=MqttConfig.from_url(broker.url, client_id=f"w{i}"),
+            ).start()  # fmt: skip
+            for i in range(workers)
+        ]
+        self.trainer = SplitTrainer(
+            config, mqtt=MqttConfig.from_url(broker.url, client_id="cloud"), test_set=test,
+            expected_devices=clients, on_round=self._on_round,
+        )  # fmt: skip
+        self.after_round = None
+
+    def _on_round(self, row):
+        if self.after_round is not None:
+            self.after_round(row)
+
+    def rows(self) -> list[dict]:
+        with open(f"{self.config.out_dir}/metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    def close(self) -> None:
+        for c in self.devices:
+            c.stop()
+        for w in self.workers:
+            if w.endpoint.connected:
+                w.stop()
+
+
+@pytest.fixture
+def federation(mosquitto):
+    made = []
+
+    def make(config, **kw):
+        f = Federation(mosquitto, config, **kw)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_step_workers_train_exactly_what_the_in_process_cloud_trains(federation, tmp_path):
+    # V1 gives every device its own cloud-half copy, so who serves a device's steps changes no
+    # number: two workers sharing the sessions must end with the in-process run's model.
+    local = federation(_config(tmp_path, "local"), clients=4)
+    local.trainer.run()
+    local.close()  # the next run reuses the device ids (MQTT client ids)
+    fed = federation(_config(tmp_path, "workers", split_workers=2), clients=4, workers=2)
+    summary = fed.trainer.run()
+    want = local.trainer.model.state_dict()
+    for k, v in fed.trainer.model.state_dict().items():
+        np.testing.assert_allclose(v.numpy(), want[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
+    rows = fed.rows()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["clients_ok"] == 4 and r["step_workers"] == 2 for r in rows), rows
+    # The shared subscription spread the sessions; each session stayed with one worker.
+    w0, w1 = fed.workers
+    assert w0.sessions and w1.sessions and not (w0.sessions & w1.sessions)
+    assert len(w0.sessions | w1.sessions) == 8  # 4 devices x 2 rounds
+    steps = sum(c.steps for c in fed.devices)
+    assert w0.steps_served + w1.steps_served == steps
+    assert summary["accuracy"] > 0.7 and w0.rejected == w1.rejected == 0
+
+
+def test_a_killed_step_worker_loses_only_its_sessions_and_the_next_round_recovers(
+    federation, tmp_path
+):
+    cfg = _config(tmp_path, "kill", split_workers=2, rounds=3, local_epochs=2)
+    fed = federation(cfg, clients=4, workers=2, step_timeout=3.0)
+    victim, survivor = fed.workers
+    killed, swallowed, served_in_2 = threading.Event(), set(), []
+    serve = victim._serve
+
+    def dies_mid_round(device, env):
+        if env.round == 2 and (killed.is_set() or len(served_in_2) >= 2):
+            swallowed.add(device)
+            if not killed.is_set():
+                killed.set()
+                victim.endpoint.drop_connection()  # like a killed process: no goodbye...
+                threading.Thread(target=victim.stop).start()  # ...and no coming back
+            return
+        serve(device, env)
+        if env.round == 2:
+            served_in_2.append(device)  # it dies in the middle of round 2, after two steps
+
+    victim._serve = dies_mid_round
+    fed.trainer.run()
+    rows = fed.rows()
+    assert killed.is_set() and swallowed
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], rows
+    lost = swallowed | set(served_in_2)  # the victim's round-2 sessions
+    assert rows[1]["clients_ok"] == 4 - len(lost), (lost, rows[1])
+    # Round 3: every device's first step reaches the survivor, which serves them all.
+    assert rows[2]["clients_ok"] == 4 and rows[2]["step_workers"] == 1
+    assert {d for (_, r, d) in survivor.sessions if r == 3} == set(device_ids(4))
+
+
+def test_split_workers_need_splitfed_v1():
+    with pytest.raises(ConfigError, match="split_workers needs mode 'splitfed-v1'"):
+        FederatedConfig(mode="splitfed-v2", split_workers=2)
