@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 CLOUD_ID = "cloud"
 
 
+def _count(value) -> int:
+    """A byte count a worker reported, or 0 if it is not a non-negative int."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if ok else 0
+
+
 class SplitMessaging:
     """Message handling shared by the split trainer; the subclass sets these attributes."""
 
@@ -67,6 +73,7 @@ class SplitMessaging:
     _half_workers: dict
     _half_body: bytes
     _cloud_expect: dict
+    _step_bytes: list
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -342,6 +349,8 @@ class SplitMessaging:
                 return
             self._half_updates[device] = params
             self._half_workers[device] = worker
+            self._step_bytes[0] += _count(env.meta.get("step_bytes_up"))
+            self._step_bytes[1] += _count(env.meta.get("step_bytes_down"))
             state.cond.notify_all()
 
     # -- the cloud half (compute thread) ---------------------------------------------------

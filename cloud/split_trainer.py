@@ -155,6 +155,7 @@ class SplitTrainer(SplitMessaging):
         self._half_updates: dict[str, dict[str, np.ndarray]] = {}
         self._half_workers: dict[str, str] = {}
         self._half_body = b""
+        self._step_bytes = [0, 0]  # step traffic the workers carried this round (up, down)
         self._cloud_expect = {
             k: (tuple(v.shape), v.numpy().dtype.name)
             for k, v in self.split.cloud.state_dict().items()
@@ -240,6 +241,7 @@ class SplitTrainer(SplitMessaging):
             with state.cond:
                 self._half_updates.clear()
                 self._half_workers.clear()
+                self._step_bytes = [0, 0]
             self._half_body = encode_tensors(
                 {k: v.detach().numpy() for k, v in self.split.cloud.state_dict().items()},
                 codec="float32",
@@ -299,9 +301,12 @@ class SplitTrainer(SplitMessaging):
         seconds = time.monotonic() - t0
         samples = stats["cloud_samples"] - stats0["cloud_samples"]
         calls = stats["cloud_calls"] - stats0["cloud_calls"]
+        if self.workers_mode:  # the workers computed: count what the finished devices trained
+            samples = sum(u.num_samples for u in updates) * cfg.local_epochs
         row.update(
-            bytes_up=self.endpoint.stats.bytes_received - recv0,
-            bytes_down=self.endpoint.stats.bytes_sent - sent0,
+            # With step workers the steps bypass this process: add what they carried.
+            bytes_up=self.endpoint.stats.bytes_received - recv0 + self._step_bytes[0],
+            bytes_down=self.endpoint.stats.bytes_sent - sent0 + self._step_bytes[1],
             seconds=seconds,
             samples=samples,
             samples_per_s=samples / seconds if seconds > 0 else 0.0,

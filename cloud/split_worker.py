@@ -110,6 +110,8 @@ class SplitStepWorker:
         self._seq = 0
         self.steps_served = 0
         self.sessions: set[tuple[str, int, str]] = set()  # (run, round, device) owned
+        # (run, round, device) -> [step bytes received, reply bytes sent], reported with the copy
+        self._traffic: dict[tuple[str, int, str], list[int]] = {}
         self.rejected = 0
         self.reasons: list[str] = []
 
@@ -158,7 +160,7 @@ class SplitStepWorker:
             return
         if seen == StepLedger.QUEUED:
             return
-        self._work.put((device, env))
+        self._work.put((device, env, len(payload)))
 
     def _on_half(self, topic: str, sender: str, payload: bytes) -> None:
         try:
@@ -175,7 +177,9 @@ class SplitStepWorker:
 
     def _loop(self) -> None:
         while (item := self._work.get()) is not None:
-            device, env = item
+            device, env, size = item
+            traffic = self._traffic.setdefault((env.run_id, env.round, device), [0, 0])
+            traffic[0] += size
             try:
                 self._serve(device, env)
             except (WireError, SplitProtocolError, TransportError, ValueError, KeyError) as exc:
@@ -237,9 +241,13 @@ class SplitStepWorker:
         reply = self._envelope(MsgType.GRADIENT, env, meta, body)
         self._ledger.answered(device, (env.round, item.step, env.type), reply)
         self._post(device, reply)
+        key = (env.run_id, env.round, device)
+        self._traffic.setdefault(key, [0, 0])[1] += len(reply)
         if env.meta.get("last") is True:
             params = rh.half.copies()[device]
-            up = self._envelope(MsgType.HALF_UPDATE, env, {"device": device},
+            up_bytes, down_bytes = self._traffic.pop(key)
+            meta = {"device": device, "step_bytes_up": up_bytes, "step_bytes_down": down_bytes}
+            up = self._envelope(MsgType.HALF_UPDATE, env, meta,
                                 encode_tensors(params, codec="float32"))  # fmt: skip
             self.endpoint.send(self.topics.worker(self.id, "up"), up, timeout=60)
 

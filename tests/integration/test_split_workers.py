@@ -110,6 +110,12 @@ def test_step_workers_train_exactly_what_the_in_process_cloud_trains(federation,
         np.testing.assert_allclose(v.numpy(), want[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
     rows = fed.rows()
     assert [r["status"] for r in rows] == ["ok", "ok"]
+    # The coordinator reports the bytes its workers carried: about what the in-process cloud
+    # counted itself (the workers count envelopes, the endpoint also frame headers).
+    for r, ref in zip(rows, local.rows(), strict=True):
+        ratio = (r["bytes_up"] + r["bytes_down"]) / (ref["bytes_up"] + ref["bytes_down"])
+        assert 0.9 < ratio < 1.1, (r, ref)
+        assert r["samples"] == ref["samples"]
     assert all(r["clients_ok"] == 4 and r["step_workers"] == 2 for r in rows), rows
     # The shared subscription spread the sessions; each session stayed with one worker.
     w0, w1 = fed.workers
