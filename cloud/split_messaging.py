@@ -68,6 +68,7 @@ class SplitMessaging:
     _seq: int
     _seq_lock: threading.Lock
     cut: str
+    spec: object  # split.zoo.ModelSpec
     workers_mode: bool
     _half_updates: dict
     _half_workers: dict
@@ -327,7 +328,7 @@ class SplitMessaging:
             cfg = self.config
             meta = {"model": cfg.model, "cut": self.cut, "session": self.session,
                     "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
-                    "act_codec": cfg.act_codec}  # fmt: skip
+                    "act_codec": cfg.act_codec, "num_classes": self.spec.num_classes}  # fmt: skip
             reply = self._envelope(MsgType.HALF, state.round, meta, self._half_body)
             if pool is not None:
                 pool.submit(self._send_worker, worker, reply)

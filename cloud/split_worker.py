@@ -49,12 +49,10 @@ class _RoundHalf:
     def __init__(self, env: Envelope) -> None:
         import torch
 
-        from split.graph import split_model
-        from split.zoo import build_model
+        from split.graph import split_template
 
         meta = env.meta
-        model, spec = build_model(meta["model"], seed=0)
-        sm = split_model(model, cut=meta["cut"], example_input=torch.zeros(2, *spec.input_shape))
+        sm = split_template(meta["model"], meta["cut"])  # traced once per process
         own = sm.cloud.state_dict()
         params = decode_tensors(
             env.body, expect={k: (tuple(v.shape), v.numpy().dtype.name) for k, v in own.items()}
@@ -68,7 +66,7 @@ class _RoundHalf:
             module=sm.cloud,
             lr=float(meta["lr"]),
             momentum=float(meta["momentum"]),
-            num_classes=spec.num_classes,
+            num_classes=int(meta["num_classes"]),
         )
 
 

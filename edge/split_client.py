@@ -14,11 +14,9 @@ is encoded (:mod:`split.privacy.activation_noise`) and the device reports its pe
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import queue
-import threading
 import time
 import zlib
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -37,11 +35,6 @@ from edge.errors import SplitProtocolError
 log = logging.getLogger(__name__)
 
 _STEP_REPLIES = (MsgType.GRADIENT, MsgType.LOGITS, MsgType.ERROR)
-# torch.fx tracing patches nn.Module.__call__ process-wide, so any forward running in another
-# thread meanwhile fails ("module is not installed as a submodule"). Each process therefore
-# traces a model once, under a lock, and every device gets a deep copy of that template.
-_BUILD_LOCK = threading.Lock()
-_TEMPLATES: dict[tuple, object] = {}
 
 
 def _grad_scale(grad: np.ndarray, codec: str) -> float:
@@ -348,22 +341,11 @@ class SplitClient(DeviceLink):
         return t / np.float32(scale) if scale != 1 else t
 
     def _build(self, model_ref: str, cut: str, head_cut: str | None):
-        import torch
-
-        from split.graph import split_model
-        from split.zoo import build_model
+        from split.graph import split_template  # traced once per process, then copied
 
         key = (model_ref, cut, head_cut)
         if self._halves is None or self._halves[0] != key:
-            with _BUILD_LOCK:
-                if key not in _TEMPLATES:
-                    model, spec = build_model(model_ref, seed=0)  # weights come from the cloud
-                    example = torch.zeros(2, *spec.input_shape)
-                    _TEMPLATES[key] = split_model(
-                        model, cut=cut, example_input=example, head_cut=head_cut
-                    )
-                sm = copy.deepcopy(_TEMPLATES[key])
-            self._halves = (key, sm)
+            self._halves = (key, split_template(model_ref, cut, head_cut))
         return self._halves[1]
 
     def _train(self, env: Envelope) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -351,3 +353,26 @@ def split_state(
             )
         parts.append({k: model_sd[k] for k in keys})
     return tuple(parts)
+
+
+# torch.fx tracing patches nn.Module.__call__ (and module globals) process-wide, so a forward
+# running in another thread meanwhile fails ("module is not installed as a submodule") or is
+# traced into the wrong graph. Parties that build split models while others in the process
+# train (simulated devices, step workers) therefore trace each model once, under a lock, and
+# take deep copies of that template.
+_TEMPLATE_LOCK = threading.Lock()
+_TEMPLATES: dict[tuple[str, str, str | None], SplitModel] = {}
+
+
+def split_template(model_ref: str, cut: str, head_cut: str | None = None) -> SplitModel:
+    """A private copy of zoo model ``model_ref`` split at ``cut`` (weights: seed 0; callers
+    load their own), traced at most once per process."""
+    from split.zoo import build_model
+
+    key = (model_ref, cut, head_cut)
+    with _TEMPLATE_LOCK:
+        if key not in _TEMPLATES:
+            model, spec = build_model(model_ref, seed=0)
+            example = torch.zeros(2, *spec.input_shape)
+            _TEMPLATES[key] = split_model(model, cut=cut, example_input=example, head_cut=head_cut)
+        return copy.deepcopy(_TEMPLATES[key])
