@@ -260,8 +260,6 @@ def run_cloud(args: argparse.Namespace) -> int:
         if split:
             from cloud.split_trainer import SplitTrainer
 
-            if args.resume:
-                raise ConfigError(f"--resume is not supported with mode={config.mode!r}")
             trainer_cls = SplitTrainer
         server = trainer_cls(
             config,
@@ -271,7 +269,7 @@ def run_cloud(args: argparse.Namespace) -> int:
         )
         with _Progress(config.rounds, enabled=not (args.quiet or args.json)) as progress:
             server.on_round = progress.update
-            summary = server.run() if split else server.run(resume=args.resume)
+            summary = server.run(resume=args.resume)
     finally:
         if broker is not None:
             broker.stop()

@@ -155,11 +155,9 @@ def simulate(
                 on_round=on_round,
             )
         else:
-            if resume:
-                raise ValueError(f"resume is not supported with mode={config.mode!r}")
             server = _split_trainer(config, options, url, test, on_round)
         t0 = time.monotonic()
-        summary = server.run(resume=resume) if config.mode == "fedavg" else server.run()
+        summary = server.run(resume=resume)
         summary.update(
             clients=options.clients,
             partition=options.partition,

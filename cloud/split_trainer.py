@@ -18,9 +18,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
+from cloud.checkpoint import load_checkpoint, save_checkpoint
 from cloud.config import FederatedConfig
 from cloud.devices import DeviceRegistry
 from cloud.report import RunReport
@@ -141,6 +143,7 @@ class SplitTrainer(SplitMessaging):
         self.round = 0
         self.session = secrets.token_hex(8)
         self.report = RunReport(config.out_dir)
+        self.ckpt_path = Path(config.out_dir) / "checkpoint.npz"
         self.stray_rejected = 0
         self._act_epsilon: dict[str, float] = {}  # device -> its reported per-sample epsilon
         self._act_releases: dict[str, int] = {}  # device -> epochs it was asked to train
@@ -373,9 +376,69 @@ class SplitTrainer(SplitMessaging):
             )
         return evaluate(self.split, self.test.x, self.test.y)
 
-    def run(self) -> dict:
-        """Runs every round; returns the summary (also written to summary.json)."""
+    # -- checkpoint ------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Everything a resumed run needs after the completed round (atomic, no pickle)."""
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "round": self.round,
+                "run_id": self.config.run_id,
+                "model": self.config.model,
+                "mode": self.config.mode,
+                "cut": self.cut,
+                "head_cut": self.head_cut,
+                "device_params": self.device_params,
+                "cloud_params": {
+                    k: v.detach().numpy().copy() for k, v in self.split.cloud.state_dict().items()
+                },
+                "strategy": self.strategy.state_dict(),
+                "cloud_strategy": self.cloud_strategy.state_dict(),
+                "rng": self.rng.bit_generator.state,
+                "act_releases": dict(self._act_releases),
+                "act_epsilon": dict(self._act_epsilon),
+            },
+        )
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.ckpt_path)
+        here = {"run_id": self.config.run_id, "model": self.config.model,
+                "mode": self.config.mode, "cut": self.cut, "head_cut": self.head_cut}  # fmt: skip
+        for key, value in here.items():
+            if state.get(key) != value:
+                raise ConfigError(
+                    f"--resume: checkpoint {self.ckpt_path} is for {key}={state.get(key)!r}, "
+                    f"this run has {key}={value!r}"
+                )
+        self.round = int(state["round"])
+        self.device_params = state["device_params"]
+        self._load(self.split.cloud, state["cloud_params"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.cloud_strategy.load_state_dict(state["cloud_strategy"])
+        self.rng.bit_generator.state = state["rng"]
+        # Activation-noise accounting continues: releases and reports are never reset.
+        self._act_releases = {k: int(v) for k, v in state["act_releases"].items()}
+        self._act_epsilon = {k: float(v) for k, v in state["act_epsilon"].items()}
+        self._evaluate()  # loads the device halves into the evaluation model
+        self.report.load_existing(upto_round=self.round)
+        log.info("resumed %s after round %d", self.config.run_id, self.round)
+
+    def run(self, *, resume: bool = False) -> dict:
+        """Runs the remaining rounds; returns the summary (also written to summary.json).
+
+        Args:
+            resume: continue after the last checkpointed round (model halves, strategy state,
+                selection RNG and activation-noise accounting), or start at round 1 if there
+                is no checkpoint.
+        """
         cfg = self.config
+        if resume and self.ckpt_path.exists():
+            self._resume()
+        else:
+            if resume:
+                log.info("--resume: no checkpoint at %s; starting at round 1", self.ckpt_path)
+            self.report.start_fresh()
         self.endpoint.connect()
         self.endpoint.subscribe(self.topics.presence_wildcard(), self._on_presence)
         self.endpoint.subscribe(self.topics.up_wildcard(), self._on_up)
@@ -392,7 +455,9 @@ class SplitTrainer(SplitMessaging):
                 while self.round < cfg.rounds:
                     self.round += 1
                     row = self._run_round()
+                    # Row first, then checkpoint (as the federated server does).
                     self.report.add(row)
+                    self._checkpoint()
                     if self.on_round is not None:
                         self.on_round(row)
                 self._announce(MsgType.BYE, "finished")

@@ -452,6 +452,40 @@ def test_splitfed_applies_the_configured_strategy_to_both_halves(split_run, mosq
     assert summary["strategy"] == "fedavgm" and summary["accuracy"] > 0.7
 
 
+@pytest.mark.parametrize("mode", ["splitfed-v1", "vanilla"])
+def test_resumed_split_run_equals_an_uninterrupted_one(split_run, tmp_path, mode):
+    # 2 rounds, stop, --resume for the third: same model as 3 rounds in one go (device halves,
+    # cloud half, FedAvgM server momentum for SplitFed), rows 1-2 kept, row 3 appended.
+    strategy = {"strategy": "fedavgm", "strategy_args": {"momentum": 0.5}}
+    extra = strategy if mode == "splitfed-v1" else {}
+    whole = split_run(
+        _config(tmp_path, mode=mode, rounds=3, local_epochs=1, out_dir=str(tmp_path / "whole"),
+                prefix="sl-whole", **extra),
+        clients=2,
+    )  # fmt: skip
+    whole.trainer.run()
+    whole.close()
+    cfg = _config(tmp_path, mode=mode, rounds=2, local_epochs=1, out_dir=str(tmp_path / "cut"),
+                  prefix="sl-cut", **extra)  # fmt: skip
+    first = split_run(cfg, clients=2)
+    first.trainer.run()
+    first.close()
+    second = split_run(cfg.replace(rounds=3), clients=2)
+    summary = second.trainer.run(resume=True)
+    want = whole.trainer.model.state_dict()
+    for k, v in second.trainer.model.state_dict().items():
+        np.testing.assert_allclose(v.numpy(), want[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
+    assert [r["round"] for r in second.rows()] == [1, 2, 3]
+    assert summary["rounds_ok"] == 3
+    # A checkpoint of another run is refused with the field that differs.
+    other = SplitTrainer(
+        cfg.replace(rounds=3, mode="splitfed-v2", strategy="fedavg", strategy_args={}),
+        mqtt=MqttConfig(client_id="cloud", port=1), test_set=second.test,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="checkpoint .* is for mode="):
+        other.run(resume=True)
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
