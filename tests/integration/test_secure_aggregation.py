@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -192,12 +193,20 @@ def test_secagg_bad_masked_inputs_on_the_wire_are_rejected_and_counted(
         session = by_id[device].secure_session("secagg")
         original = session._reply
 
+        both_sent = threading.Event()
+
         def reply(env, msg_type, meta, body):
             if msg_type.name == "MASKED_UPDATE" and how == "short":
                 return original(env, msg_type, meta, body[:-8])  # two values short
+            if msg_type.name == "UNMASK_SHARES" and how == "twice":
+                # The masked input may go out from the training thread while UNMASK_SHARES
+                # goes from the dispatcher: hold the shares until the copy is delivered, or
+                # the round may close first and the copy count as late, not duplicate.
+                both_sent.wait(10)
             original(env, msg_type, meta, body)
             if msg_type.name == "MASKED_UPDATE" and how == "twice":
                 original(env, msg_type, meta, body)
+                both_sent.set()
 
         session._reply = reply
 
