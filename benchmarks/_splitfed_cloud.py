@@ -57,11 +57,41 @@ def _start_devices(url: str, model: str, count: int, samples: int, procs: int, m
     return out
 
 
+def _start_step_workers(url: str, n: int) -> list[subprocess.Popen]:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "converters.cli",
+                "split-worker",
+                "--broker",
+                url,
+                "--id",
+                f"steps-{i}",
+                "--threads",
+                "1",
+                "--max-seconds",
+                "600",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        for i in range(n)
+    ]
+    for p in procs:
+        if not p.stdout.readline().startswith("ready"):
+            raise RuntimeError(f"step worker exited with {p.poll()}")
+    return procs
+
+
 def run_once(
     *, model: str, devices: int, batched: bool, samples: int, batch_size: int, rounds: int,
-    device_procs: int, mqtt_kw: dict | None = None,
+    device_procs: int, mqtt_kw: dict | None = None, step_workers: int = 0,
 ) -> dict:  # fmt: skip
-    """One SplitFed V2 run; cloud samples/s over rounds 2.. and cloud calls per round."""
+    """One SplitFed V2 run (V1 served by ``step_workers`` processes if > 0); cloud samples/s
+    over rounds 2.. and cloud calls per round."""
     from cloud.broker import MosquittoBroker
     from cloud.config import FederatedConfig
     from cloud.split_trainer import SplitTrainer
@@ -70,14 +100,16 @@ def run_once(
 
     _, test = train_test_split(load_dataset("digits"), test_fraction=0.2, seed=0)
     broker = MosquittoBroker(extra_conf="max_connections -1\n").start()
-    procs = []
+    procs, workers = [], []
     try:
         with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
             cfg = FederatedConfig(
                 run_id="bench", model=model, rounds=rounds, min_clients=devices,
                 local_epochs=1, batch_size=batch_size, lr=0.05, momentum=0.9,
-                mode="splitfed-v2", out_dir=tmp, round_timeout=300, register_timeout=120,
+                mode="splitfed-v1" if step_workers else "splitfed-v2", out_dir=tmp,
+                round_timeout=300, register_timeout=120, split_workers=step_workers,
             )  # fmt: skip
+            workers = _start_step_workers(broker.url, step_workers)
             marks = []  # CPU seconds (cloud, devices, broker) after each round
 
             def on_round(row):
@@ -85,6 +117,7 @@ def run_once(
                     time.process_time(),
                     sum(_cpu_seconds(p.pid) for p in procs),
                     _cpu_seconds(broker.proc.pid),
+                    sum(_cpu_seconds(w.pid) for w in workers),
                 ))  # fmt: skip
 
             trainer = SplitTrainer(
@@ -101,6 +134,7 @@ def run_once(
             rows = trainer.report.rows[1:]
             cpu = [b - a for a, b in zip(marks[0], marks[-1], strict=True)]
     finally:
+        procs += workers
         for p in procs:
             p.terminate()
         for p in procs:
@@ -123,6 +157,7 @@ def run_once(
         "cloud_cpu_ms_per_1k": 1000 * cpu[0] / samples_done * 1000,
         "devices_cpu_ms_per_1k": 1000 * cpu[1] / samples_done * 1000,
         "broker_cpu_ms_per_1k": 1000 * cpu[2] / samples_done * 1000,
+        "workers_cpu_ms_per_1k": 1000 * cpu[3] / samples_done * 1000,
         "cloud_calls_per_round": sum(r["cloud_calls"] for r in ok) / len(ok),
         "compute_share": compute / seconds,
         "compute_samples_per_s": samples_done / compute if compute else 0.0,
@@ -152,6 +187,24 @@ def bench_splitfed(
     return out
 
 
+def bench_step_workers(*, smoke: bool, model: str = "digits-cnn") -> dict:
+    """SplitFed V1 at 50 devices (10 in smoke): in the trainer's process vs 1 and 2 step
+    worker processes (each device's steps on the worker that picked up its session)."""
+    n = 10 if smoke else 50
+    out = {}
+    for workers in (0, 1, 2):
+        key = f"V1 devices={n} " + (f"step workers={workers}" if workers else "in-process")
+        out[key] = run_once(
+            model=model, devices=n, batched=False, samples=64 if smoke else 256,
+            batch_size=16, rounds=2 if smoke else 3, device_procs=1, step_workers=workers,
+        )  # fmt: skip
+        r = out[key]
+        cloud = r["cloud_cpu_ms_per_1k"] + r["workers_cpu_ms_per_1k"]
+        print(f"  {key:<32} {r['samples_per_s']:>8.0f} samples/s  cloud CPU (coordinator + "
+              f"workers) {cloud:.0f} ms per 1k samples", flush=True)  # fmt: skip
+    return out
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
     import argparse
@@ -166,3 +219,4 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)  # as split_throughput.py: the devices and broker share the 2 cores
     bench_splitfed(smoke=a.smoke, model=a.model, mqtt_kw={"qos": a.qos, "protocol": a.protocol})
+    bench_step_workers(smoke=a.smoke, model=a.model)

@@ -20,6 +20,8 @@ Three parts, each bounded:
    every pending device's step into one forward/backward vs one device per call, and the CPU
    each party spends per 1,000 samples (``_splitfed_cloud.py``); plus the cloud half's compute
    alone (no messaging) at the same device counts.
+5. SplitFed V1 in the trainer's process vs served by 1 and 2 step worker processes
+   (``edgesplit split-worker``), samples/s and cloud CPU per 1,000 samples.
 """
 
 from __future__ import annotations
@@ -412,9 +414,11 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {r['p99_ms']:6.2f} ms")  # fmt: skip
     print("SplitFed V2 cloud (digits-cnn, 16-sample steps, devices replay activations; "
           "CPU ms per 1k samples by party)")  # fmt: skip
-    from _splitfed_cloud import bench_splitfed  # beside this script, so on sys.path
+    from _splitfed_cloud import bench_splitfed, bench_step_workers  # beside this script
 
     splitfed = bench_splitfed(smoke=args.smoke)
+    print("SplitFed V1 served in-process vs by step worker processes (same harness)")
+    step_workers = bench_step_workers(smoke=args.smoke)
     compute = bench_cloud_compute(smoke=args.smoke)
     print("cloud half compute alone (forward + backward + SGD step, 16 samples per device)")
     for key, r in compute.items():
@@ -458,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"smoke": args.smoke, "codecs": codecs, "service": service,
                        "split_step": step, "splitfed": splitfed, "cloud_compute": compute,
+                       "step_workers": step_workers,
                        "goals": goals}, f, indent=2)  # fmt: skip
     return 0
 
