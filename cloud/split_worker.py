@@ -220,10 +220,8 @@ class SplitStepWorker:
         return self._halves[key]
 
     def _serve(self, device: str, env: Envelope) -> None:
-        from cloud.split_session import StepInput
-
         rh = self._round_half(env)
-        item: StepInput = decode_activation(
+        item = decode_activation(
             device, env, batch_size=rh.batch_size, activation_shape=rh.activation_shape,
             with_labels=True,
         )  # fmt: skip

@@ -14,7 +14,10 @@ from cloud.split_trainer import SplitTrainer
 from cloud.split_worker import SplitStepWorker
 from converters.errors import ConfigError
 from converters.federation_data import device_ids, federated_split
-from converters.mqtt import MqttConfig
+from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.tensor_codec import encode_tensors
+from converters.topics import Topics
+from converters.wire import Envelope, MsgType, encode
 from edge.split_client import SplitClient, SplitClientOptions
 
 pytestmark = pytest.mark.integration
@@ -162,3 +165,66 @@ def test_a_killed_step_worker_loses_only_its_sessions_and_the_next_round_recover
 def test_split_workers_need_splitfed_v1():
     with pytest.raises(ConfigError, match="split_workers needs mode 'splitfed-v1'"):
         FederatedConfig(mode="splitfed-v2", split_workers=2)
+
+
+def test_bad_messages_to_workers_and_coordinator_are_refused_and_the_round_goes_on(
+    federation, mosquitto, tmp_path
+):
+    cfg = _config(tmp_path, "bad", split_workers=1, rounds=1)
+    fed = federation(cfg, clients=2, workers=1)
+    (worker,) = fed.workers
+    rogue = MqttEndpoint(MqttConfig.from_url(mosquitto.url, client_id="rogue"))
+    rogue.connect()
+    topics = Topics(prefix=cfg.prefix)
+    sent = threading.Event()
+
+    def attack(row=None):
+        if sent.is_set():
+            return
+        sent.set()
+        act = encode_tensors({"activation": np.zeros((4, 64), np.float32),
+                              "labels": np.zeros(4, np.int64)})  # fmt: skip
+
+        def env(kind, sender, meta, body=b"", round_=1):
+            return encode(Envelope(type=kind, run_id=cfg.run_id, round=round_, sender=sender,
+                                   seq=1, meta=meta, body=body))  # fmt: skip
+
+        rogue.post(topics.steps("dev-0000"), b"garbage")
+        rogue.post(
+            topics.steps("dev-0000"),  # another device's name in the envelope
+            env(MsgType.ACTIVATION, "dev-0001", {"step": 1, "batch": 4}, act),
+        )
+        rogue.post(topics.steps("dev-0000"), env(MsgType.UPDATE, "dev-0000", {"step": 1}))
+        rogue.post(topics.steps("dev-0000"), env(MsgType.ACTIVATION, "dev-0000", {"step": -3}))
+        half = encode_tensors({"nope": np.ones(3, np.float32)})
+        rogue.send(
+            topics.worker("w0", "up"),  # wrong tensors for the cloud half
+            env(MsgType.HALF_UPDATE, "w0", {"device": "dev-0000"}, half),
+            timeout=5,
+        )
+        rogue.send(
+            topics.worker("w0", "up"),  # sender does not match the topic
+            env(MsgType.HALF_UPDATE, "w9", {"device": "dev-0000"}, half),
+            timeout=5,
+        )
+
+    # Strike while the round runs: after registration, before the devices finish.
+    fed.trainer._announce_orig = fed.trainer._announce
+
+    def announce(msg_type, status):
+        fed.trainer._announce_orig(msg_type, status)
+        if status == "running":
+            attack()
+
+    fed.trainer._announce = announce
+    summary = fed.trainer.run()
+    rogue.close()
+    assert sent.is_set()
+    (row,) = fed.rows()
+    assert row["status"] == "ok" and row["clients_ok"] == 2, row
+    assert worker.rejected == 4, worker.reasons
+    assert any("does not match topic device" in r for r in worker.reasons)
+    assert any("carry ACTIVATION only, got UPDATE" in r for r in worker.reasons)
+    assert any("meta.step must be an int >= 0, got -3" in r for r in worker.reasons)
+    assert row["rejected"] >= 2, row  # the coordinator's two, counted in the round
+    assert summary["accuracy"] > 0.5
