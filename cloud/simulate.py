@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud.broker import start_default_broker
+from cloud.broker import EmbeddedBroker, start_default_broker
 from cloud.config import FederatedConfig
 from cloud.server import FederatedServer
 from converters.federation_data import federated_split
@@ -139,7 +139,7 @@ def simulate(
         # Simulated devices are new devices: an earlier run's DP ledgers are not theirs.
         shutil.rmtree(Path(config.out_dir) / "device-state", ignore_errors=True)
     try:
-        if config.split_workers and type(broker).__name__ == "EmbeddedBroker":
+        if config.split_workers and isinstance(broker, EmbeddedBroker):
             raise ValueError(
                 "split_workers needs MQTT shared subscriptions, which the embedded broker lacks; "
                 "install mosquitto or pass --broker-kind mosquitto / --broker URL"

@@ -120,6 +120,10 @@ class SplitMessaging:
         payload = self._envelope(msg_type, round_, meta, body)
         if answers is not None:
             self._ledger.answered(device, answers, payload)
+        self._deliver(device, payload)
+
+    def _deliver(self, device: str, payload: bytes) -> None:
+        """A step reply (new or repeated) to ``device``: one frame at once, else acked frames."""
         topic = self.topics.down(device)
         if self.endpoint.fits_one_frame(topic, len(payload)):
             try:
@@ -245,10 +249,7 @@ class SplitMessaging:
         log.info("%s step %d from %s again (%s)", env.type.name, step, device,
                  "queued" if seen == StepLedger.QUEUED else "answered again")  # fmt: skip
         if isinstance(seen, bytes):
-            try:
-                self.endpoint.post(self.topics.down(device), seen)
-            except TransportError as exc:
-                log.warning("repeated reply for %s not sent: %s", device, exc)
+            self._deliver(device, seen)
         return False
 
     def _on_activation(self, device: str, env: Envelope, state: RoundState) -> None:

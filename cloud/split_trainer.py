@@ -365,6 +365,11 @@ class SplitTrainer(SplitMessaging):
     def _evaluate(self) -> tuple[float, float]:
         from split.train import evaluate
 
+        self._load_device_halves()
+        return evaluate(self.split, self.test.x, self.test.y)
+
+    def _load_device_halves(self) -> None:
+        """Copies ``device_params`` into the cloud's edge (and head) modules."""
         self._load(
             self.split.edge,
             {k: v for k, v in self.device_params.items() if k in self.split.edge.state_dict()},
@@ -374,7 +379,6 @@ class SplitTrainer(SplitMessaging):
                 self.split.head,
                 {k: v for k, v in self.device_params.items() if k in self.split.head.state_dict()},
             )
-        return evaluate(self.split, self.test.x, self.test.y)
 
     # -- checkpoint ------------------------------------------------------------------------
 
@@ -420,7 +424,7 @@ class SplitTrainer(SplitMessaging):
         # Activation-noise accounting continues: releases and reports are never reset.
         self._act_releases = {k: int(v) for k, v in state["act_releases"].items()}
         self._act_epsilon = {k: float(v) for k, v in state["act_epsilon"].items()}
-        self._evaluate()  # loads the device halves into the evaluation model
+        self._load_device_halves()
         self.report.load_existing(upto_round=self.round)
         log.info("resumed %s after round %d", self.config.run_id, self.round)
 
