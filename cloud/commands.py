@@ -104,6 +104,15 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--act-noise-multiplier", type=float,
         help="split modes: Gaussian noise std on activations / --act-noise-clip (0: off)",
     )  # fmt: skip
+    p.add_argument(
+        "--grad-noise-clip", type=float,
+        help="ushaped with --dp sample: clip each sample's loss gradient sent to the cloud",
+    )  # fmt: skip
+    p.add_argument(
+        "--grad-noise-multiplier", type=float,
+        help="ushaped with --dp sample: its noise std / --grad-noise-clip (0: the calibrated or "
+        "--noise-multiplier value)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

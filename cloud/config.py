@@ -77,6 +77,12 @@ class FederatedConfig:
     # N(0, (act_noise_multiplier * act_noise_clip)^2) per coordinate (0, 0 = off).
     act_noise_clip: float = 0.0
     act_noise_multiplier: float = 0.0
+    # U-shaped with dp="sample" (split.privacy.split_dp): devices clip each sample's gradient
+    # at the middle's output (LOGIT_GRADIENT) to grad_noise_clip and add Gaussian noise of std
+    # grad_noise_multiplier * grad_noise_clip. Multipliers left 0 take noise_multiplier, or
+    # are calibrated together from target_epsilon.
+    grad_noise_clip: float = 0.0
+    grad_noise_multiplier: float = 0.0
     # SecAgg+ (Bell et al., CCS'20): neighbours per device in secagg's k-regular graph;
     # 0 = 2 * ceil(log2 n) + 1, n - 1 or more = plain SecAgg (every pair of devices).
     secagg_neighbours: int = 0
@@ -130,16 +136,29 @@ class FederatedConfig:
         _check(ok, "secure_clip", "must be a finite number > 0", self.secure_clip)
         # Paillier below 2048 bits is not acceptable (NIST SP 800-57 112-bit security floor).
         _check(self.he_key_bits >= 2048, "he_key_bits", "must be >= 2048", self.he_key_bits)
-        for name in ("act_noise_clip", "act_noise_multiplier"):
+        noise_fields = (
+            "act_noise_clip", "act_noise_multiplier", "grad_noise_clip", "grad_noise_multiplier"
+        )  # fmt: skip
+        for name in noise_fields:
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0", value)
         act_on = (self.act_noise_clip > 0, self.act_noise_multiplier > 0)
-        _check(
-            act_on[0] == act_on[1],
-            "act_noise_clip / act_noise_multiplier",
-            "must both be > 0 (noise on) or both 0 (off)",
-            (self.act_noise_clip, self.act_noise_multiplier),
-        )
+        if self.mode != "fedavg" and self.dp != "none":
+            self._check_split_dp()
+        else:
+            _check(
+                act_on[0] == act_on[1],
+                "act_noise_clip / act_noise_multiplier",
+                "must both be > 0 (noise on) or both 0 (off)",
+                (self.act_noise_clip, self.act_noise_multiplier),
+            )
+            for name in ("grad_noise_clip", "grad_noise_multiplier"):
+                _check(
+                    getattr(self, name) == 0,
+                    name,
+                    "needs dp='sample' with mode 'ushaped' (the noised LOGIT_GRADIENT channel)",
+                    getattr(self, name),
+                )
         _check(
             not any(act_on) or self.mode != "fedavg",
             "act_noise_clip",
@@ -157,6 +176,46 @@ class FederatedConfig:
             f"mode is {self.mode!r}",
             self.split_workers,
         )
+
+    def _check_split_dp(self) -> None:
+        """dp in a split mode: U-shaped sample-level DP with every channel noised."""
+        _check(
+            self.dp == "sample",
+            "dp",
+            f"must be 'sample' or 'none' in split mode {self.mode!r} (user-level DP would not "
+            "cover the per-sample steps)",
+            self.dp,
+        )
+        _check(
+            self.mode == "ushaped",
+            "dp",
+            f"'sample' in split learning needs mode 'ushaped': in mode {self.mode!r} the labels "
+            "cross the wire in clear at every step",
+            self.dp,
+        )
+        for name in ("act_noise_clip", "grad_noise_clip"):
+            _check(
+                getattr(self, name) > 0,
+                name,
+                "must be > 0 with dp='sample' in mode 'ushaped' (every step releases this "
+                "channel; it is clipped per sample, then noised)",
+                getattr(self, name),
+            )
+        if self.target_epsilon is not None:
+            for name in ("act_noise_multiplier", "grad_noise_multiplier"):
+                _check(
+                    getattr(self, name) == 0,
+                    name,
+                    "must be 0 with target_epsilon (all multipliers are calibrated together)",
+                    getattr(self, name),
+                )
+        else:
+            _check(
+                (self.noise_multiplier or 0) > 0,
+                "noise_multiplier",
+                "must be > 0 with dp='sample' in mode 'ushaped'",
+                self.noise_multiplier,
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -88,11 +88,6 @@ class SplitTrainer(SplitMessaging):
 
         if config.mode not in SPLIT_MODES:
             raise ConfigError(f"mode must be one of {', '.join(SPLIT_MODES)}, got {config.mode!r}")
-        if config.dp != "none":
-            raise ConfigError(
-                f"mode={config.mode!r} supports dp='none' only (noised activations: "
-                f"act_noise_clip / act_noise_multiplier), got dp={config.dp!r}"
-            )
         if config.strategy != "fedavg" and config.mode not in PARALLEL_MODES:
             raise ConfigError(
                 f"strategy={config.strategy!r} needs a SplitFed mode (splitfed-v1/v2 average "
@@ -127,6 +122,8 @@ class SplitTrainer(SplitMessaging):
         self.device_params = {
             k: v.detach().numpy().copy() for m in device_modules for k, v in m.state_dict().items()
         }
+        # Sample-level DP (U-shaped; the config refuses other modes): settings sent to devices.
+        self.split_dp = self._plan_dp() if config.dp == "sample" else None
         self._expect = {k: (v.shape, str(v.dtype)) for k, v in self.device_params.items()}
         self.half = CloudHalf(
             mode=config.mode,
@@ -170,6 +167,60 @@ class SplitTrainer(SplitMessaging):
         self._pool: ThreadPoolExecutor | None = None
         self.endpoint = MqttEndpoint(mqtt)
 
+    def _plan_dp(self):
+        """The run's :class:`split.privacy.split_dp.SplitDP`, calibrated for every round.
+
+        Raises:
+            ConfigError: The device halves cannot be privatized, or the budget is infeasible.
+        """
+        from split.errors import PrivacyConfigError
+        from split.privacy.dpsgd import _problems
+        from split.privacy.split_dp import SplitDP
+
+        cfg = self.config
+        problems = [f"edge.{p}" for p in _problems(self.split.edge)]
+        problems += [f"head.{p}" for p in _problems(self.split.head)]
+        if problems:
+            raise ConfigError(
+                f"dp='sample': the device halves of {cfg.model} cannot be privatized by Opacus; "
+                f"offending modules: {'; '.join(problems)}"
+            )
+        clips = dict(
+            act_clip=cfg.act_noise_clip, grad_clip=cfg.grad_noise_clip, param_clip=cfg.clip
+        )
+        try:
+            if cfg.target_epsilon is not None:
+                return SplitDP.for_target(
+                    target_epsilon=cfg.target_epsilon,
+                    delta=cfg.delta,
+                    releases=cfg.rounds * cfg.local_epochs,
+                    **clips,
+                )
+            sigma = cfg.noise_multiplier
+            return SplitDP(
+                **clips,
+                act_sigma=cfg.act_noise_multiplier or sigma,
+                grad_sigma=cfg.grad_noise_multiplier or sigma,
+                param_sigma=sigma,
+                delta=cfg.delta,
+            )
+        except PrivacyConfigError as exc:
+            raise ConfigError(f"dp='sample': {exc}") from None
+
+    def _budget_left(self) -> str | None:
+        """Why another round would overspend target_epsilon, or None if it fits."""
+        cfg = self.config
+        if self.split_dp is None or cfg.target_epsilon is None:
+            return None
+        worst = max(self._act_releases.values(), default=0) + cfg.local_epochs
+        after = self.split_dp.epsilon(worst)
+        if after <= cfg.target_epsilon:
+            return None
+        return (
+            f"privacy budget: another round would reach epsilon {after:.4g} > target_epsilon="
+            f"{cfg.target_epsilon} ({worst} steps per sample on the most-trained device)"
+        )
+
     # -- rounds ----------------------------------------------------------------------------
 
     def _active(self) -> int:
@@ -194,9 +245,11 @@ class SplitTrainer(SplitMessaging):
                 "lr": cfg.lr,
                 "momentum": cfg.momentum,
                 "act_codec": cfg.act_codec,
-                "act_noise_clip": cfg.act_noise_clip,
-                "act_noise_multiplier": cfg.act_noise_multiplier,
+                # With DP the activation noise is part of config.dp (one ledger).
+                "act_noise_clip": 0.0 if self.split_dp else cfg.act_noise_clip,
+                "act_noise_multiplier": 0.0 if self.split_dp else cfg.act_noise_multiplier,
                 "act_noise_delta": cfg.delta,
+                **({"dp": self.split_dp.to_meta()} if self.split_dp else {}),
             },
         }
 
@@ -286,7 +339,9 @@ class SplitTrainer(SplitMessaging):
                 updates = [u for u in updates if u.client_id in self._half_updates]
                 row["clients_ok"] = len(updates)
                 row["step_workers"] = len(set(self._half_workers.values()))
-        if cfg.act_noise_clip > 0:
+        if self.split_dp is not None:
+            row["epsilon"] = self._split_dp_epsilon(updates)
+        elif cfg.act_noise_clip > 0:
             row["epsilon"] = self._act_noise_epsilon(updates)
         if updates and len(updates) >= min(cfg.min_clients, len(selected)):
             self._aggregate(updates)
@@ -317,6 +372,26 @@ class SplitTrainer(SplitMessaging):
             cloud_compute_seconds=stats["cloud_compute_seconds"] - stats0["cloud_compute_seconds"],
         )
         return row
+
+    def _split_dp_epsilon(self, updates: list[ClientUpdate]) -> float:
+        """Largest per-sample epsilon of any device so far, from the cloud's own count.
+
+        The cloud knows how many epochs it asked each device for (counted when MODEL leaves,
+        so a device that crashed mid-round is not under-reported); a device's own report must
+        agree with that count, else it is logged and ignored.
+        """
+        worst = self.split_dp.epsilon(max(self._act_releases.values(), default=0))
+        for u in updates:
+            got = u.metrics.get("epsilon") if isinstance(u.metrics, dict) else None
+            want = self.split_dp.epsilon(self._act_releases.get(u.client_id, 0))
+            ok = isinstance(got, (int, float)) and not isinstance(got, bool)
+            if not ok or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12):
+                log.warning(
+                    "%s reported epsilon=%r, but its %d steps per sample give %.6g; the cloud's "
+                    "count is used", u.client_id, got, self._act_releases.get(u.client_id, 0), want
+                )  # fmt: skip
+            self._act_epsilon[u.client_id] = want
+        return worst
 
     def _act_noise_epsilon(self, updates: list[ClientUpdate]) -> float:
         """Largest per-sample epsilon of any device so far (inf: one reported none).
@@ -402,6 +477,7 @@ class SplitTrainer(SplitMessaging):
                 "rng": self.rng.bit_generator.state,
                 "act_releases": dict(self._act_releases),
                 "act_epsilon": dict(self._act_epsilon),
+                "split_dp": self.split_dp.to_meta() if self.split_dp else None,
             },
         )
 
@@ -424,6 +500,18 @@ class SplitTrainer(SplitMessaging):
         # Activation-noise accounting continues: releases and reports are never reset.
         self._act_releases = {k: int(v) for k, v in state["act_releases"].items()}
         self._act_epsilon = {k: float(v) for k, v in state["act_epsilon"].items()}
+        saved_dp = state.get("split_dp")
+        if (saved_dp is None) != (self.split_dp is None):
+            raise ConfigError(
+                f"--resume: checkpoint {self.ckpt_path} has dp={'sample' if saved_dp else 'none'}"
+                f", this run has dp={self.config.dp!r}"
+            )
+        if saved_dp is not None:
+            from split.privacy.split_dp import SplitDP
+
+            # The noise already spent was calibrated for the original plan; keep it, so the
+            # ledger goes on at the same sigma (more rounds then stop at the budget).
+            self.split_dp = SplitDP.from_meta(saved_dp)
         self._load_device_halves()
         self.report.load_existing(upto_round=self.round)
         log.info("resumed %s after round %d", self.config.run_id, self.round)
@@ -450,6 +538,7 @@ class SplitTrainer(SplitMessaging):
             self.endpoint.subscribe(self.topics.workers_up_wildcard(), self._on_worker)
         worker = threading.Thread(target=self._compute_loop, name="split-cloud", daemon=True)
         worker.start()
+        stop_reason = None
         try:
             with ThreadPoolExecutor(max_workers=32, thread_name_prefix="send") as pool:
                 self._pool = pool
@@ -457,6 +546,10 @@ class SplitTrainer(SplitMessaging):
                 n = self.registry.wait_for(self.expected, timeout=cfg.register_timeout)
                 log.info("%d device(s) online, %d expected", n, self.expected)
                 while self.round < cfg.rounds:
+                    stop_reason = self._budget_left()
+                    if stop_reason:
+                        log.warning("stopping: %s", stop_reason)
+                        break
                     self.round += 1
                     row = self._run_round()
                     # Row first, then checkpoint (as the federated server does).
@@ -479,10 +572,20 @@ class SplitTrainer(SplitMessaging):
                 "cut": self.cut,
                 "head_cut": self.head_cut,
                 "act_codec": cfg.act_codec,
-                "dp": "activation" if cfg.act_noise_clip > 0 else "none",
+                "dp": (
+                    "sample"
+                    if self.split_dp
+                    else "activation"
+                    if cfg.act_noise_clip > 0
+                    else "none"
+                ),  # fmt: skip
                 "delta": cfg.delta if cfg.act_noise_clip > 0 else None,
                 "act_noise_clip": cfg.act_noise_clip,
-                "act_noise_multiplier": cfg.act_noise_multiplier,
+                "act_noise_multiplier": (
+                    self.split_dp.act_sigma if self.split_dp else cfg.act_noise_multiplier
+                ),
+                "split_dp": self.split_dp.to_meta() if self.split_dp else None,
+                "stopped": stop_reason,
                 "strategy": cfg.strategy,
                 "stray_rejected": self.stray_rejected,
                 "cloud_samples": sum(r.get("samples", 0) for r in self.report.rows),

@@ -163,6 +163,10 @@ class SplitClient(DeviceLink):
         # generator across rounds; one per-sample ledger per run counts the noised releases.
         self._noise = None
         self._act_ledgers: dict = {}
+        # Sample-level DP in U-shaped mode (split.privacy.split_dp): one trainer per run and
+        # model halves, kept across rounds (its ledger and Opacus hooks must not restart).
+        self._dp = None
+        self._dp_key = None
         self.rounds_trained = 0
         self.steps = 0
         self.crashes = 0
@@ -369,7 +373,11 @@ class SplitClient(DeviceLink):
         ledger, sigma = self._setup_noise(env.run_id, cfg)
         epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])
         lr, momentum = float(cfg["lr"]), float(cfg.get("momentum", 0.0))
-        opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in mods]
+        dp = self._setup_dp(env.run_id, cfg, mode, sm)
+        if dp is not None:  # one DP optimizer over both halves: per-sample clip across them
+            opts = [dp.optimizer(lr=lr, momentum=momentum, batch_size=min(bs, len(self.y)))]
+        else:
+            opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in mods]
         n = len(self.y)
         steps_per_epoch = -(-n // bs)
         crash_at = None
@@ -385,6 +393,8 @@ class SplitClient(DeviceLink):
             losses = []
             if ledger is not None:  # each epoch releases every sample's activation once
                 ledger.step(noise_multiplier=sigma, sample_rate=1.0)
+            if dp is not None:  # each epoch puts every sample in exactly one step
+                dp.begin_epoch()
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
                 step += 1
@@ -398,7 +408,8 @@ class SplitClient(DeviceLink):
                 meta = {"epoch": epoch, "batch": len(idx)}
                 if self._via_workers and step == epochs * steps_per_epoch:
                     meta["last"] = True  # the worker then sends our cloud-half copy on
-                loss = self._step(env, step, meta, sm, xt[idx], yb)
+                with dp.quiet() if dp is not None else contextlib.nullcontext():
+                    loss = self._step(env, step, meta, sm, xt[idx], yb)
                 if loss is not None:
                     losses.append(loss * len(idx))
                 for o in opts:
@@ -409,6 +420,10 @@ class SplitClient(DeviceLink):
             metrics["loss"] = sum(losses) / n
         if ledger is not None:
             metrics.update(act_epsilon=ledger.epsilon(), act_releases=ledger.steps)
+        if dp is not None:
+            # The mean loss on private samples is not covered by the ledger: never sent.
+            metrics.pop("loss", None)
+            metrics.update(epsilon=dp.epsilon(), releases=dp.releases)
         new = {k: v.detach().numpy().copy() for m in mods for k, v in m.state_dict().items()}
         update = env.reply(
             type=MsgType.UPDATE,
@@ -441,6 +456,37 @@ class SplitClient(DeviceLink):
             self._act_ledgers[run_id] = PrivacyLedger(accountant="rdp", delta=delta)
         return self._act_ledgers[run_id], noise.effective_noise_multiplier
 
+    def _setup_dp(self, run_id: str, cfg: dict, mode: str, sm):
+        """The run's :class:`split.privacy.split_dp.SplitDPTrainer`, or None without DP."""
+        if "dp" not in cfg:
+            self._close_dp()
+            return None
+        from split.errors import PrivacyConfigError
+        from split.privacy.split_dp import SplitDP, SplitDPTrainer
+
+        try:
+            settings = SplitDP.from_meta(cfg["dp"])
+        except (PrivacyConfigError, TypeError) as exc:
+            raise SplitProtocolError(f"MODEL meta.config.dp: {exc}") from None
+        if mode != "ushaped":
+            raise SplitProtocolError(
+                f"MODEL meta.config.dp needs mode 'ushaped' (labels stay here), got {mode!r}"
+            )
+        key = (run_id, id(sm), settings)
+        if self._dp is None or self._dp_key != key:
+            self._close_dp()
+            try:
+                self._dp = SplitDPTrainer(sm.edge, sm.head, settings, num_samples=len(self.y))
+            except PrivacyConfigError as exc:
+                raise SplitProtocolError(f"MODEL meta.config.dp: {exc}") from None
+            self._dp_key = key
+        return self._dp
+
+    def _close_dp(self) -> None:
+        if self._dp is not None:
+            self._dp.close()
+        self._dp, self._dp_key = None, None
+
     def _step(self, env: Envelope, step: int, meta: dict, sm, xb, yb: np.ndarray):
         """One batch through the protocol; leaves the gradients in the device's halves.
 
@@ -449,8 +495,11 @@ class SplitClient(DeviceLink):
         """
         import torch
 
+        dp = self._dp
         act = sm.edge(xb)
-        if self._noise is not None:  # clip + noise before encoding: codecs post-process it
+        if dp is not None:
+            act = dp.noise_activation(act)
+        elif self._noise is not None:  # clip + noise before encoding: codecs post-process it
             act = self._noise(act)
         a_np = act.detach().numpy()
         loss_value = None
@@ -463,7 +512,7 @@ class SplitClient(DeviceLink):
             loss = torch.nn.functional.cross_entropy(sm.head(mid), torch.from_numpy(yb))
             loss.backward()
             loss_value = float(loss.detach())
-            g = mid.grad.numpy()
+            g = (dp.noise_loss_gradient(mid.grad) if dp is not None else mid.grad).numpy()
             scale = _grad_scale(g, self._codec)
             tensors = {"grad": g * np.float32(scale) if scale != 1 else g}
             meta = {**meta, "scale": scale}
