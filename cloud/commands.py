@@ -113,6 +113,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="ushaped with --dp sample: its noise std / --grad-noise-clip (0: the calibrated or "
         "--noise-multiplier value)",
     )  # fmt: skip
+    p.add_argument(
+        "--label-epsilon", type=float,
+        help="vanilla/splitfed with --dp sample: randomized response on labels at this epsilon "
+        "(0: half of --target-epsilon)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

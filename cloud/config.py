@@ -83,6 +83,9 @@ class FederatedConfig:
     # are calibrated together from target_epsilon.
     grad_noise_clip: float = 0.0
     grad_noise_multiplier: float = 0.0
+    # vanilla / SplitFed with dp="sample": each label is replaced once per run by k-ary
+    # randomized response at this epsilon (0: half of target_epsilon).
+    label_epsilon: float = 0.0
     # SecAgg+ (Bell et al., CCS'20): neighbours per device in secagg's k-regular graph;
     # 0 = 2 * ceil(log2 n) + 1, n - 1 or more = plain SecAgg (every pair of devices).
     secagg_neighbours: int = 0
@@ -137,7 +140,8 @@ class FederatedConfig:
         # Paillier below 2048 bits is not acceptable (NIST SP 800-57 112-bit security floor).
         _check(self.he_key_bits >= 2048, "he_key_bits", "must be >= 2048", self.he_key_bits)
         noise_fields = (
-            "act_noise_clip", "act_noise_multiplier", "grad_noise_clip", "grad_noise_multiplier"
+            "act_noise_clip", "act_noise_multiplier", "grad_noise_clip", "grad_noise_multiplier",
+            "label_epsilon",
         )  # fmt: skip
         for name in noise_fields:
             value = getattr(self, name)
@@ -152,11 +156,11 @@ class FederatedConfig:
                 "must both be > 0 (noise on) or both 0 (off)",
                 (self.act_noise_clip, self.act_noise_multiplier),
             )
-            for name in ("grad_noise_clip", "grad_noise_multiplier"):
+            for name in ("grad_noise_clip", "grad_noise_multiplier", "label_epsilon"):
                 _check(
                     getattr(self, name) == 0,
                     name,
-                    "needs dp='sample' with mode 'ushaped' (the noised LOGIT_GRADIENT channel)",
+                    "needs dp='sample' in a split mode",
                     getattr(self, name),
                 )
         _check(
@@ -178,7 +182,7 @@ class FederatedConfig:
         )
 
     def _check_split_dp(self) -> None:
-        """dp in a split mode: U-shaped sample-level DP with every channel noised."""
+        """dp in a split mode: sample-level DP with every channel of every step noised."""
         _check(
             self.dp == "sample",
             "dp",
@@ -186,21 +190,37 @@ class FederatedConfig:
             "cover the per-sample steps)",
             self.dp,
         )
+        ushaped = self.mode == "ushaped"
         _check(
-            self.mode == "ushaped",
-            "dp",
-            f"'sample' in split learning needs mode 'ushaped': in mode {self.mode!r} the labels "
-            "cross the wire in clear at every step",
-            self.dp,
+            self.act_noise_clip > 0,
+            "act_noise_clip",
+            "must be > 0 with dp='sample' in a split mode (every step releases the cut "
+            "activation; it is clipped per sample, then noised)",
+            self.act_noise_clip,
         )
-        for name in ("act_noise_clip", "grad_noise_clip"):
+        if ushaped:
             _check(
-                getattr(self, name) > 0,
-                name,
-                "must be > 0 with dp='sample' in mode 'ushaped' (every step releases this "
-                "channel; it is clipped per sample, then noised)",
-                getattr(self, name),
+                self.grad_noise_clip > 0,
+                "grad_noise_clip",
+                "must be > 0 with dp='sample' in mode 'ushaped' (every step releases the loss "
+                "gradient; it is clipped per sample, then noised)",
+                self.grad_noise_clip,
             )
+            _check(
+                self.label_epsilon == 0,
+                "label_epsilon",
+                "must be 0 in mode 'ushaped' (labels never leave the device)",
+                self.label_epsilon,
+            )
+        else:
+            for name in ("grad_noise_clip", "grad_noise_multiplier"):
+                _check(
+                    getattr(self, name) == 0,
+                    name,
+                    f"is for mode 'ushaped' only (mode {self.mode!r} sends labels, not loss "
+                    "gradients; see label_epsilon)",
+                    getattr(self, name),
+                )
         if self.target_epsilon is not None:
             for name in ("act_noise_multiplier", "grad_noise_multiplier"):
                 _check(
@@ -209,12 +229,25 @@ class FederatedConfig:
                     "must be 0 with target_epsilon (all multipliers are calibrated together)",
                     getattr(self, name),
                 )
+            _check(
+                self.label_epsilon < self.target_epsilon,
+                "label_epsilon",
+                f"must be < target_epsilon={self.target_epsilon}",
+                self.label_epsilon,
+            )
         else:
             _check(
                 (self.noise_multiplier or 0) > 0,
                 "noise_multiplier",
-                "must be > 0 with dp='sample' in mode 'ushaped'",
+                "must be > 0 with dp='sample' in a split mode",
                 self.noise_multiplier,
+            )
+            _check(
+                ushaped or self.label_epsilon > 0,
+                "label_epsilon",
+                f"must be > 0 with dp='sample' and noise_multiplier in mode {self.mode!r} "
+                "(labels cross the wire with every step)",
+                self.label_epsilon,
             )
 
     def to_dict(self) -> dict:

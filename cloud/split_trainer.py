@@ -122,7 +122,7 @@ class SplitTrainer(SplitMessaging):
         self.device_params = {
             k: v.detach().numpy().copy() for m in device_modules for k, v in m.state_dict().items()
         }
-        # Sample-level DP (U-shaped; the config refuses other modes): settings sent to devices.
+        # Sample-level DP (split.privacy.split_dp): the settings sent to every device.
         self.split_dp = self._plan_dp() if config.dp == "sample" else None
         self._expect = {k: (v.shape, str(v.dtype)) for k, v in self.device_params.items()}
         self.half = CloudHalf(
@@ -178,31 +178,39 @@ class SplitTrainer(SplitMessaging):
         from split.privacy.split_dp import SplitDP
 
         cfg = self.config
+        head = self.split.head
         problems = [f"edge.{p}" for p in _problems(self.split.edge)]
-        problems += [f"head.{p}" for p in _problems(self.split.head)]
+        problems += [f"head.{p}" for p in _problems(head)] if head is not None else []
         if problems:
             raise ConfigError(
                 f"dp='sample': the device halves of {cfg.model} cannot be privatized by Opacus; "
                 f"offending modules: {'; '.join(problems)}"
             )
-        clips = dict(
-            act_clip=cfg.act_noise_clip, grad_clip=cfg.grad_noise_clip, param_clip=cfg.clip
-        )
+        if head is not None:  # U-shaped: the loss gradient travels, the labels stay
+            extra = dict(grad_clip=cfg.grad_noise_clip)
+        else:  # the labels travel: randomized response, half the target unless set
+            share = cfg.label_epsilon or (cfg.target_epsilon or 0.0) / 2
+            extra = dict(label_epsilon=share, num_classes=self.spec.num_classes)
         try:
             if cfg.target_epsilon is not None:
                 return SplitDP.for_target(
                     target_epsilon=cfg.target_epsilon,
                     delta=cfg.delta,
                     releases=cfg.rounds * cfg.local_epochs,
-                    **clips,
+                    act_clip=cfg.act_noise_clip,
+                    param_clip=cfg.clip,
+                    **extra,
                 )
             sigma = cfg.noise_multiplier
+            if head is not None:
+                extra["grad_sigma"] = cfg.grad_noise_multiplier or sigma
             return SplitDP(
-                **clips,
+                act_clip=cfg.act_noise_clip,
                 act_sigma=cfg.act_noise_multiplier or sigma,
-                grad_sigma=cfg.grad_noise_multiplier or sigma,
+                param_clip=cfg.clip,
                 param_sigma=sigma,
                 delta=cfg.delta,
+                **extra,
             )
         except PrivacyConfigError as exc:
             raise ConfigError(f"dp='sample': {exc}") from None

@@ -403,13 +403,14 @@ class SplitClient(DeviceLink):
                     self.endpoint.drop_connection()  # the broker fires our last will
                     raise _CrashedError
                 yb = np.asarray(self.y[idx], dtype=np.int64)
+                if dp is not None and sm.head is None:  # labels travel: randomized, once
+                    yb = dp.released_labels(self.y)[idx]
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 meta = {"epoch": epoch, "batch": len(idx)}
                 if self._via_workers and step == epochs * steps_per_epoch:
                     meta["last"] = True  # the worker then sends our cloud-half copy on
-                with dp.quiet() if dp is not None else contextlib.nullcontext():
-                    loss = self._step(env, step, meta, sm, xt[idx], yb)
+                loss = self._step(env, step, meta, sm, xt[idx], yb)
                 if loss is not None:
                     losses.append(loss * len(idx))
                 for o in opts:
@@ -468,10 +469,6 @@ class SplitClient(DeviceLink):
             settings = SplitDP.from_meta(cfg["dp"])
         except (PrivacyConfigError, TypeError) as exc:
             raise SplitProtocolError(f"MODEL meta.config.dp: {exc}") from None
-        if mode != "ushaped":
-            raise SplitProtocolError(
-                f"MODEL meta.config.dp needs mode 'ushaped' (labels stay here), got {mode!r}"
-            )
         key = (run_id, id(sm), settings)
         if self._dp is None or self._dp_key != key:
             self._close_dp()
@@ -480,6 +477,11 @@ class SplitClient(DeviceLink):
             except PrivacyConfigError as exc:
                 raise SplitProtocolError(f"MODEL meta.config.dp: {exc}") from None
             self._dp_key = key
+        try:
+            if sm.head is None:
+                self._dp.released_labels(self.y)  # checks the labels before any step
+        except PrivacyConfigError as exc:
+            raise SplitProtocolError(f"MODEL meta.config.dp: {exc}") from None
         return self._dp
 
     def _close_dp(self) -> None:
@@ -496,6 +498,11 @@ class SplitClient(DeviceLink):
         import torch
 
         dp = self._dp
+        if dp is not None:
+            # Opacus' per-sample hooks are full backward hooks: the first layer's input must
+            # need a gradient or torch warns on every step (warning filters are process-wide
+            # and not thread-safe, so the cause is removed instead of the message).
+            xb = xb.detach().requires_grad_(True)
         act = sm.edge(xb)
         if dp is not None:
             act = dp.noise_activation(act)

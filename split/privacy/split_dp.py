@@ -1,33 +1,37 @@
-"""Sample-level DP for U-shaped split learning: DP-SGD on the device's halves and noised steps.
+"""Sample-level DP for split learning: DP-SGD on the device's halves and noised step messages.
 
-In U-shaped split learning a device releases three things that depend on one training
-sample ``(x, y)``, every time the sample is in a batch:
+A device in split learning releases, every time one training sample ``(x, y)`` is in a batch:
 
-1. its cut activation (up to the cloud's middle part);
-2. the gradient of its loss at the middle's output (``LOGIT_GRADIENT``; it depends on ``y``);
-3. its contribution to the update of the device's own halves (edge and head), which leave the
-   device at the end of each round.
+1. its cut activation (up to the cloud);
+2. U-shaped: the gradient of its loss at the output of the cloud's middle part
+   (``LOGIT_GRADIENT``; it depends on ``y``); vanilla and SplitFed: the label ``y`` itself;
+3. its contribution to the update of the device's own halves (edge, and head in U-shaped),
+   which leave the device at the end of each round.
 
 DP-SGD on the parameters alone (what a federated device does) protects only 3; the cloud
-would still see 1 and 2 un-noised at every step. Here every channel is a Gaussian mechanism
-on the sample: the activation row is clipped to L2 norm ``act_clip`` and noised
-(:mod:`split.privacy.activation_noise`), the per-sample loss gradient row is clipped to
-``grad_clip`` and noised, and the parameter gradients are clipped per sample to ``param_clip``
-and noised by Opacus' ``DPOptimizer`` (Abadi et al. 2016). Labels and predictions never leave
-the device in U-shaped mode, so nothing else about the sample travels. What a device sends at
-round end (its halves) is post-processing of the noised steps.
+would still see 1 and 2 at every step. Here every channel is a DP mechanism on the sample:
+the activation row is clipped to L2 norm ``act_clip`` and noised
+(:mod:`split.privacy.activation_noise`); U-shaped, the per-sample loss gradient row is clipped
+to ``grad_clip`` and noised; vanilla / SplitFed, each label is replaced once per run by k-ary
+randomized response with ``label_epsilon`` (Warner 1965; the label-DP mechanism of Ghazi et
+al. 2021) and every step sends that same randomized label (post-processing, so it is paid
+once); the parameter gradients are clipped per sample to ``param_clip`` and noised by Opacus'
+``DPOptimizer`` (Abadi et al. 2016). What a device sends at round end (its halves) is
+post-processing of the noised steps.
 
 Accounting (one ledger per device, Opacus' RDP accountant):
-    Neighbouring relation: replace-one (sensitivity ``2 * clip`` in every channel). The cloud
-    sees one activation row per sample in each step, so it knows which step a sample is in:
-    subsampling amplification (what makes DP-SGD cheap in federated mode) does not apply,
-    and none is claimed. Each epoch visits every sample exactly once (a data-independent
-    shuffle), so a sample is in ``epochs`` steps per round. One step is the three Gaussian
-    mechanisms on that sample together, i.e. one Gaussian mechanism with
+    Neighbouring relation: replace-one (sensitivity ``2 * clip`` in every Gaussian channel).
+    The cloud sees one activation row per sample in each step, so it knows which step a
+    sample is in: subsampling amplification (what makes DP-SGD cheap in federated mode) does
+    not apply, and none is claimed. Each epoch visits every sample exactly once (a
+    data-independent shuffle), so a sample is in ``epochs`` steps per round. One step is the
+    Gaussian mechanisms on that sample together, i.e. one Gaussian mechanism with
     ``1 / sigma_joint^2 = sum_i (2 / sigma_i)^2`` (RDP of Gaussians adds, and Opacus' RDP at
     sample rate 1 is exactly the Gaussian's ``alpha / (2 sigma^2)``), composed over every
     step the sample was in. The ledger steps ``(sigma_joint, sample_rate=1.0)`` once per
     epoch; the cloud runs the same arithmetic on its own count of the epochs it asked for.
+    Randomized response is ``(label_epsilon, 0)``-DP and is added by basic composition:
+    ``epsilon = epsilon_gaussian(delta) + label_epsilon``.
 
 What it does not cover: the number of samples on a device (it is sent in the clear, as in
 federated learning), the model hyperparameters, and an observer that can run the device's
@@ -52,7 +56,6 @@ from split.privacy.budget import MAX_NOISE_MULTIPLIER, PrivacyLedger, check_delt
 
 __all__ = ["SplitDP", "SplitDPTrainer", "joint_noise_multiplier"]
 
-_CHANNELS = ("act", "grad", "param")
 # Opacus guards per-sample clip factors against zero norms this way.
 _NORM_EPS = 1e-6
 
@@ -76,56 +79,91 @@ def joint_noise_multiplier(sigmas: tuple[float, ...]) -> float:
 
 @dataclass(frozen=True)
 class SplitDP:
-    """Clip norms and noise multipliers of the three channels, and the reporting delta.
+    """Clip norms and noise of each channel, and the reporting delta.
 
     Attributes:
         act_clip / act_sigma: cut activation row: L2 clip and noise std / clip.
-        grad_clip / grad_sigma: per-sample loss gradient at the middle's output.
         param_clip / param_sigma: per-sample gradient of the device's halves (DP-SGD).
         delta: delta at which epsilon is reported; must be < 1 / (samples on the device).
+        grad_clip / grad_sigma: U-shaped only: per-sample loss gradient at the middle's output.
+        label_epsilon / num_classes: vanilla and SplitFed only: randomized response on labels.
     """
 
     act_clip: float
     act_sigma: float
-    grad_clip: float
-    grad_sigma: float
     param_clip: float
     param_sigma: float
     delta: float
+    grad_clip: float | None = None
+    grad_sigma: float | None = None
+    label_epsilon: float | None = None
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
-        for channel in _CHANNELS:
+        for channel in self.channels:
             _positive(f"{channel}_clip", getattr(self, f"{channel}_clip"))
             _positive(f"{channel}_sigma", getattr(self, f"{channel}_sigma"))
         delta = self.delta
         if not isinstance(delta, numbers.Real) or not 0 < delta < 1:
             raise PrivacyConfigError(f"delta must be in (0, 1), got {delta!r}")
+        grad = (self.grad_clip is not None, self.grad_sigma is not None)
+        label = (self.label_epsilon is not None, self.num_classes is not None)
+        if grad[0] != grad[1] or label[0] != label[1] or grad[0] == label[0]:
+            raise PrivacyConfigError(
+                "dp needs either grad_clip + grad_sigma (ushaped) or label_epsilon + num_classes "
+                f"(labels on the wire), got grad_clip={self.grad_clip}, grad_sigma="
+                f"{self.grad_sigma}, label_epsilon={self.label_epsilon}, "
+                f"num_classes={self.num_classes}"
+            )
+        if self.label_epsilon is not None:
+            _positive("label_epsilon", self.label_epsilon)
+            k = self.num_classes
+            if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+                raise PrivacyConfigError(f"num_classes must be an int >= 2, got {k!r}")
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The Gaussian channels: ``act``, ``param`` and, U-shaped, ``grad``."""
+        return ("act", "param") + (("grad",) if self.grad_clip is not None else ())
 
     @property
     def sigma_joint(self) -> float:
         """The one-step Gaussian mechanism's noise multiplier (replace-one)."""
-        return joint_noise_multiplier((self.act_sigma, self.grad_sigma, self.param_sigma))
+        return joint_noise_multiplier(tuple(getattr(self, f"{c}_sigma") for c in self.channels))
+
+    @property
+    def keep_probability(self) -> float:
+        """Randomized response: chance a label is sent unchanged, ``e^eps / (e^eps + k - 1)``."""
+        if self.label_epsilon is None:
+            return 1.0
+        e = math.exp(self.label_epsilon)
+        return e / (e + self.num_classes - 1)
 
     def epsilon(self, releases: int) -> float:
-        """Per-sample epsilon after a sample was in ``releases`` steps (Opacus RDP)."""
+        """Per-sample epsilon after a sample was in ``releases`` steps (Opacus RDP, plus
+        ``label_epsilon`` once the labels were randomized, i.e. from the first step on)."""
         if not isinstance(releases, int) or isinstance(releases, bool) or releases < 0:
             raise PrivacyConfigError(f"releases must be an int >= 0, got {releases!r}")
         ledger = PrivacyLedger(accountant="rdp", delta=self.delta)
         ledger.step(noise_multiplier=self.sigma_joint, sample_rate=1.0, steps=releases)
-        return ledger.epsilon()
+        labels = self.label_epsilon if self.label_epsilon is not None and releases else 0.0
+        return ledger.epsilon() + labels
 
     def to_meta(self) -> dict:
-        return asdict(self)
+        """The settings as sent in MODEL; channels the mode lacks are left out."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_meta(cls, meta) -> SplitDP:
         """Parses the ``dp`` object of a MODEL message; PrivacyConfigError names the field."""
         if not isinstance(meta, dict):
             raise PrivacyConfigError(f"dp must be an object, got {type(meta).__name__}")
-        want = set(cls.__dataclass_fields__)
-        if set(meta) != want:
+        known = set(cls.__dataclass_fields__)
+        required = {"act_clip", "act_sigma", "param_clip", "param_sigma", "delta"}
+        if not required <= set(meta) <= known:
             raise PrivacyConfigError(
-                f"dp must have exactly the keys {sorted(want)}, got {sorted(meta)}"
+                f"dp needs the keys {sorted(required)} and may have {sorted(known - required)}, "
+                f"got {sorted(meta)}"
             )
         return cls(**meta)
 
@@ -137,46 +175,60 @@ class SplitDP:
         delta: float,
         releases: int,
         act_clip: float,
-        grad_clip: float,
         param_clip: float,
+        grad_clip: float | None = None,
+        label_epsilon: float | None = None,
+        num_classes: int | None = None,
     ) -> SplitDP:
-        """One noise multiplier for all three channels so ``releases`` steps stay within
-        ``target_epsilon`` (smallest such sigma, found by Opacus' noise search).
+        """One noise multiplier for all Gaussian channels so ``releases`` steps stay within
+        ``target_epsilon`` (minus ``label_epsilon``); the smallest such sigma, found by
+        Opacus' noise search.
 
         Raises:
-            PrivacyConfigError: The target needs sigma > ``MAX_NOISE_MULTIPLIER``; the message
-                gives the epsilon reachable at that noise and the most steps that fit.
+            PrivacyConfigError: The target needs sigma > ``MAX_NOISE_MULTIPLIER``, or
+                ``label_epsilon`` leaves nothing for the Gaussian channels; the message gives
+                the epsilon reachable at that noise and the most steps that fit.
         """
         from split.privacy.budget import noise_for_target
 
         _positive("target_epsilon", target_epsilon)
         if not isinstance(releases, int) or releases < 1:
             raise PrivacyConfigError(f"releases must be an int >= 1, got {releases!r}")
-        # Equal sigmas s in three channels: sigma_joint = s / (2 * sqrt(3)).
-        ratio = 2.0 * math.sqrt(3.0)
-        clips = {"act_clip": act_clip, "grad_clip": grad_clip, "param_clip": param_clip}
+        rest = target_epsilon - (label_epsilon or 0.0)
+        if rest <= 0:
+            raise PrivacyConfigError(
+                f"label_epsilon={label_epsilon} leaves nothing of target_epsilon="
+                f"{target_epsilon} for the activations and parameters; lower it"
+            )
+        fixed = dict(act_clip=act_clip, param_clip=param_clip, delta=delta,
+                     label_epsilon=label_epsilon, num_classes=num_classes)  # fmt: skip
+
+        def plan(s: float) -> SplitDP:
+            grad = {} if grad_clip is None else {"grad_clip": grad_clip, "grad_sigma": s}
+            return cls(**fixed, **grad, act_sigma=s, param_sigma=s)
+
+        # Equal sigmas s in n channels: sigma_joint = s / (2 * sqrt(n)).
+        ratio = 2.0 * math.sqrt(len(plan(1.0).channels))
         try:
             joint = noise_for_target(
-                target_epsilon=target_epsilon,
+                target_epsilon=rest,
                 delta=delta,
                 sample_rate=1.0,
                 steps=releases,
                 max_noise_multiplier=MAX_NOISE_MULTIPLIER / ratio,
             )
         except PrivacyConfigError:
-            cap = cls(**clips, act_sigma=MAX_NOISE_MULTIPLIER, grad_sigma=MAX_NOISE_MULTIPLIER,
-                      param_sigma=MAX_NOISE_MULTIPLIER, delta=delta)  # fmt: skip
+            cap = plan(MAX_NOISE_MULTIPLIER)
             fit = 0
             while fit < releases and cap.epsilon(fit + 1) <= target_epsilon:
                 fit += 1
             raise PrivacyConfigError(
                 f"target_epsilon={target_epsilon} is infeasible for {releases} steps per sample "
-                f"(rounds x local_epochs) in ushaped DP: it needs noise multipliers > "
-                f"{MAX_NOISE_MULTIPLIER}; closest feasible: epsilon={cap.epsilon(releases):.3g} "
-                f"at {MAX_NOISE_MULTIPLIER}, or at most {fit} steps per sample"
+                f"(rounds x local_epochs): it needs noise multipliers > {MAX_NOISE_MULTIPLIER}; "
+                f"closest feasible: epsilon={cap.epsilon(releases):.3g} at "
+                f"{MAX_NOISE_MULTIPLIER}, or at most {fit} steps per sample"
             ) from None
-        s = joint * ratio
-        return cls(**clips, act_sigma=s, grad_sigma=s, param_sigma=s, delta=delta)
+        return plan(joint * ratio)
 
 
 def _clip_rows(t, clip: float):
@@ -187,14 +239,14 @@ def _clip_rows(t, clip: float):
 
 
 class SplitDPTrainer:
-    """A device's DP state for one run of U-shaped split learning, kept across its rounds.
+    """A device's DP state for one run of split learning, kept across its rounds.
 
-    The device's edge and head are wrapped once in Opacus' ``GradSampleModule`` (wrapping
-    again each round would stack hooks, Opacus issue #608); parameters stay those of the
-    given modules, so loading a round's halves into them is enough.
+    The device's edge (and U-shaped, head) are wrapped once in Opacus' ``GradSampleModule``
+    (wrapping again each round would stack hooks, Opacus issue #608); parameters stay those of
+    the given modules, so loading a round's halves into them is enough.
 
     Args:
-        edge, head: the device's halves (trained in place).
+        edge, head: the device's halves (trained in place); head is None unless U-shaped.
         dp: the run's settings.
         num_samples: samples on this device (delta must be below its inverse).
         seed: seeds the three noise generators (tests only); None draws from the OS.
@@ -203,7 +255,9 @@ class SplitDPTrainer:
         PrivacyConfigError: delta >= 1/N, or modules Opacus cannot privatize (all listed).
     """
 
-    def __init__(self, edge, head, dp: SplitDP, *, num_samples: int, seed: int | None = None):
+    def __init__(
+        self, edge, head, dp: SplitDP, *, num_samples: int, seed: int | None = None
+    ) -> None:
         import torch
         from opacus import GradSampleModule
         from torch import nn
@@ -212,7 +266,13 @@ class SplitDPTrainer:
         from split.privacy.dpsgd import _problems
 
         check_delta(dp.delta, num_samples)
-        problems = [f"edge.{p}" for p in _problems(edge)] + [f"head.{p}" for p in _problems(head)]
+        if (head is None) != (dp.grad_clip is None):
+            raise PrivacyConfigError(
+                "dp: a head (ushaped) needs grad_clip/grad_sigma and no label_epsilon; without a "
+                "head the labels travel and need label_epsilon"
+            )
+        problems = [f"edge.{p}" for p in _problems(edge)]
+        problems += [f"head.{p}" for p in _problems(head)] if head is not None else []
         if problems:
             raise PrivacyConfigError(
                 "the device halves cannot be privatized by Opacus; offending modules: "
@@ -220,16 +280,19 @@ class SplitDPTrainer:
             )
         self.dp = dp
         seeds = (
-            [secrets.randbits(63) for _ in range(3)]
+            [secrets.randbits(63) for _ in range(4)]
             if seed is None
-            else [int(v) for v in np.random.SeedSequence(seed).generate_state(3)]
+            else [int(v) for v in np.random.SeedSequence(seed).generate_state(4)]
         )
         self.act_noise = ActivationNoise(
             clip=dp.act_clip, noise_multiplier=dp.act_sigma, seed=seeds[0]
         ).layer()
         self._grad_gen = torch.Generator().manual_seed(seeds[1])
         self._param_gen = torch.Generator().manual_seed(seeds[2])
-        self.modules = nn.ModuleDict({"edge": edge, "head": head})
+        self._label_rng = np.random.default_rng(seeds[3])
+        self._labels: np.ndarray | None = None
+        halves = {"edge": edge} if head is None else {"edge": edge, "head": head}
+        self.modules = nn.ModuleDict(halves)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.gsm = GradSampleModule(self.modules, loss_reduction="mean")
@@ -287,8 +350,37 @@ class SplitDPTrainer:
         """Removes Opacus' hooks from the halves (before another trainer wraps them)."""
         self.gsm._close()
 
+    def released_labels(self, y: np.ndarray) -> np.ndarray:
+        """The labels as sent: each replaced once by k-ary randomized response, then reused.
+
+        With probability ``keep_probability`` a label stays, else it becomes one of the other
+        ``k - 1`` classes uniformly. Drawn on the first call for the device's whole dataset
+        (``y`` indexed like the device's samples); later calls return the same labels, so
+        resending them costs nothing more.
+
+        Raises:
+            PrivacyConfigError: A label is outside ``[0, num_classes)`` or ``y`` changed size.
+        """
+        dp = self.dp
+        y = np.asarray(y, dtype=np.int64)
+        if self._labels is None:
+            k = dp.num_classes
+            if y.size and (y.min() < 0 or y.max() >= k):
+                raise PrivacyConfigError(
+                    f"labels must be in [0, {k}) for randomized response, got {y.min()}..{y.max()}"
+                )
+            flip = self._label_rng.random(len(y)) >= dp.keep_probability
+            shift = self._label_rng.integers(1, k, size=len(y))  # another class, uniformly
+            self._labels = np.where(flip, (y + shift) % k, y)
+        if len(self._labels) != len(y):
+            raise PrivacyConfigError(
+                f"the device's labels changed size ({len(self._labels)} -> {len(y)}) within a run"
+            )
+        return self._labels
+
     def epsilon(self) -> float:
-        return self.ledger.epsilon()
+        labels = self.dp.label_epsilon if self.dp.label_epsilon and self.releases else 0.0
+        return self.ledger.epsilon() + labels
 
     @property
     def releases(self) -> int:

@@ -123,3 +123,40 @@ def test_halves_opacus_cannot_privatize_are_refused_before_training(tmp_path):
     test_set = federated_split("digits", clients=1, scheme="iid", seed=0, test_fraction=0.2)[1]
     with pytest.raises(ConfigError, match=r"cannot be privatized by Opacus; offending modules: e"):
         SplitTrainer(cfg, mqtt=MqttConfig(client_id="cloud", port=1), test_set=test_set)
+
+
+@pytest.mark.parametrize("mode", ["splitfed-v2", "vanilla"])
+def test_labels_on_the_wire_are_randomized_once_and_resent(split_run, mosquitto, tmp_path, mode):
+    from edge.split_client import round_seed
+
+    kw = {**DP, "mode": mode, "grad_noise_clip": 0.0}
+    cfg = _config(tmp_path, rounds=2, local_epochs=2, **kw)
+    sniffer = Sniffer(mosquitto, cfg.prefix)
+    run = split_run(cfg, clients=2)
+    summary = run.trainer.run()
+    envs = sniffer.envelopes()
+
+    plan = run.trainer.split_dp
+    assert plan.label_epsilon == 4.0 and plan.num_classes == 10  # half of the target
+    assert 7.5 < summary["epsilon"] <= 8.0
+    assert [r["epsilon"] for r in run.rows()] == [plan.epsilon(2), plan.epsilon(4)]
+    for client, shard in zip(run.clients, run.shards, strict=True):
+        sent = client._dp._labels
+        n, p = len(shard.y), plan.keep_probability
+        assert abs((sent == shard.y).mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+        steps = {
+            (e.round, e.meta["step"]): decode_tensors(e.body)["labels"]
+            for e in envs
+            if e.type == MsgType.ACTIVATION and e.sender == client.id
+        }
+        per_epoch = -(-n // cfg.batch_size)
+        assert len(steps) == cfg.rounds * cfg.local_epochs * per_epoch
+        for r in (1, 2):  # rebuild the device's batches: every label sent is the randomized one
+            order_rng = np.random.default_rng(round_seed(client.id, r))
+            step = 0
+            for _ in range(cfg.local_epochs):
+                order = order_rng.permutation(n)
+                for start in range(0, n, cfg.batch_size):
+                    step += 1
+                    idx = order[start : start + cfg.batch_size]
+                    np.testing.assert_array_equal(steps[(r, step)], sent[idx])

@@ -32,6 +32,12 @@ def _dp(**kw) -> SplitDP:
     return SplitDP(**{**base, **kw})
 
 
+def _label_dp(**kw) -> SplitDP:
+    base = dict(act_clip=1.0, act_sigma=2.0, param_clip=1.0, param_sigma=1.5, delta=DELTA,
+                label_epsilon=2.0, num_classes=10)  # fmt: skip
+    return SplitDP(**{**base, **kw})
+
+
 # -- accounting -------------------------------------------------------------------------------
 
 
@@ -96,7 +102,9 @@ def test_bad_settings_are_refused_with_the_field_named(change, match):
 def test_meta_round_trip_and_bad_meta():
     dp = _dp()
     assert SplitDP.from_meta(dp.to_meta()) == dp
-    with pytest.raises(PrivacyConfigError, match="exactly the keys"):
+    assert "label_epsilon" not in dp.to_meta()
+    assert SplitDP.from_meta(_label_dp().to_meta()) == _label_dp()
+    with pytest.raises(PrivacyConfigError, match="dp needs the keys"):
         SplitDP.from_meta({**dp.to_meta(), "extra": 1})
     with pytest.raises(PrivacyConfigError, match="dp must be an object"):
         SplitDP.from_meta([1, 2])
@@ -197,8 +205,21 @@ def test_ledger_counts_epochs_and_matches_the_cloud_arithmetic():
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"mode": "vanilla"}, "needs mode 'ushaped'.*labels cross the wire"),
-        ({"mode": "splitfed-v1"}, "needs mode 'ushaped'"),
+        ({"mode": "vanilla"}, "grad_noise_clip is for mode 'ushaped' only"),
+        (
+            {"mode": "splitfed-v1", "grad_noise_clip": 0.0, "label_epsilon": 9.0},
+            r"label_epsilon must be < target_epsilon=8.0",
+        ),
+        (
+            {
+                "mode": "splitfed-v2",
+                "grad_noise_clip": 0.0,
+                "target_epsilon": None,
+                "noise_multiplier": 3.0,
+            },
+            "label_epsilon must be > 0 .*labels cross the wire",
+        ),
+        ({"label_epsilon": 1.0}, "label_epsilon must be 0 in mode 'ushaped'"),
         ({"grad_noise_clip": 0.0}, r"grad_noise_clip must be > 0 with dp='sample'"),
         ({"act_noise_clip": 0.0}, r"act_noise_clip must be > 0"),
         ({"act_noise_multiplier": 2.0}, "must be 0 with target_epsilon"),
@@ -217,9 +238,85 @@ def test_split_dp_config_errors_name_the_field(kw, match):
 
 
 def test_grad_noise_needs_ushaped_sample_dp():
-    with pytest.raises(ConfigError, match="grad_noise_clip needs dp='sample'"):
+    with pytest.raises(ConfigError, match="grad_noise_clip needs dp='sample' in a split mode"):
         FederatedConfig(mode="ushaped", grad_noise_clip=1.0)
     cfg = FederatedConfig(mode="ushaped", dp="sample", noise_multiplier=2.0,
                           act_noise_clip=1.0, grad_noise_clip=0.5)  # fmt: skip
     assert cfg.grad_noise_multiplier == 0.0  # takes noise_multiplier at plan time
     assert np.isfinite(cfg.delta)
+
+
+# -- labels on the wire (vanilla, SplitFed): randomized response ------------------------------
+
+
+def test_label_channel_adds_randomized_response_epsilon_to_the_gaussian_part():
+    dp = _label_dp()
+    assert dp.channels == ("act", "param")
+    acc = RDPAccountant()
+    acc.history = [(s / 2, 1.0, 6) for s in (dp.act_sigma, dp.param_sigma)]
+    assert dp.epsilon(6) == pytest.approx(acc.get_epsilon(DELTA) + 2.0, rel=1e-9)
+    assert dp.epsilon(0) == 0.0
+    assert dp.keep_probability == pytest.approx(math.e**2 / (math.e**2 + 9))
+    plan = SplitDP.for_target(target_epsilon=8.0, delta=DELTA, releases=4, act_clip=1.0,
+                              param_clip=1.0, label_epsilon=3.0, num_classes=10)  # fmt: skip
+    assert plan.grad_clip is None and 7.9 < plan.epsilon(4) <= 8.0
+    with pytest.raises(PrivacyConfigError, match="leaves nothing of target_epsilon"):
+        SplitDP.for_target(target_epsilon=2.0, delta=DELTA, releases=4, act_clip=1.0,
+                           param_clip=1.0, label_epsilon=2.0, num_classes=10)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"label_epsilon": None}, "either grad_clip"),
+        ({"grad_clip": 1.0, "grad_sigma": 1.0}, "either grad_clip"),
+        ({"num_classes": 1}, "num_classes must be an int >= 2"),
+        ({"label_epsilon": -1.0}, "label_epsilon must be a finite number > 0"),
+    ],
+)
+def test_label_settings_are_checked(kw, match):
+    with pytest.raises(PrivacyConfigError, match=match):
+        _label_dp(**kw)
+
+
+def test_randomized_response_keeps_labels_at_the_stated_rate_and_flips_uniformly():
+    dp = _label_dp(label_epsilon=1.0, num_classes=4)
+    sm = split_template("digits-mlp-tanh", "act1")
+    trainer = SplitDPTrainer(sm.edge, None, dp, num_samples=40_000, seed=11)
+    y = np.arange(40_000) % 4
+    sent = trainer.released_labels(y)
+    assert trainer.released_labels(y) is sent  # drawn once, resent as is
+    p, n = dp.keep_probability, len(y)
+    assert abs((sent == y).mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    flipped = (sent - y)[sent != y] % 4  # offsets 1, 2, 3 equally likely
+    counts = np.bincount(flipped, minlength=4)[1:]
+    assert np.all(np.abs(counts / counts.sum() - 1 / 3) < 0.02)
+    with pytest.raises(PrivacyConfigError, match="labels must be in"):
+        SplitDPTrainer(sm.edge, None, dp, num_samples=1000, seed=1).released_labels(y + 1)
+
+
+def test_vanilla_per_sample_gradients_equal_one_sample_at_a_time_autograd():
+    torch.manual_seed(0)
+    dp = _label_dp(act_clip=0.7)
+    sm = split_template("digits-mlp-tanh", "act1")
+    edge0 = copy.deepcopy(sm.edge)
+    trainer = SplitDPTrainer(sm.edge, None, dp, num_samples=1000, seed=4)
+    b = 5
+    x = torch.rand(b, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.from_numpy(trainer.released_labels(np.arange(1000) % 10)[:b])
+    with trainer.quiet():
+        act = sm.edge(x)
+        sent = trainer.noise_activation(act)
+        noise = (sent - clip_per_sample(act, dp.act_clip)).detach()
+        a = sent.detach().requires_grad_(True)
+        nn.functional.cross_entropy(sm.cloud(a), y).backward()  # the cloud's side
+        sent.backward(a.grad)
+    for i in range(b):
+        edge = copy.deepcopy(edge0)
+        out = clip_per_sample(edge(x[i : i + 1]), dp.act_clip) + noise[i : i + 1]
+        out.backward(a.grad[i : i + 1] * b)
+        for k, p in edge.named_parameters():
+            got = dict(sm.edge.named_parameters())[k].grad_sample[i]
+            torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(PrivacyConfigError, match="a head .* needs grad_clip"):
+        SplitDPTrainer(copy.deepcopy(edge0), None, _dp(), num_samples=1000)
