@@ -54,9 +54,10 @@ def _hand_to_broker_user(user: str | None, out: Path, *files: Path) -> None:
 def acl_text(*, cloud_user: str = "cloud", prefix: str = "edgesplit") -> str:
     """The ACL: the cloud reads/writes everything under ``prefix``; a device only its own topics.
 
-    Devices read ``ctrl`` and their own ``down``, write their own ``up`` and ``steps`` (split
-    steps to the cloud's step workers) and read/write their own ``presence`` (not others': who
-    else is online is the cloud's business).
+    Devices read ``ctrl`` and their own ``down``, write their own ``up``, ``steps`` (split
+    steps to the cloud's step workers) and ``infer`` (a large inference request to the worker
+    that took its claim) and read/write their own ``presence`` (not others': who else is online
+    is the cloud's business).
     """
     return (
         "# edgesplit ACL. %u is the authenticated username (= device id).\n"
@@ -66,6 +67,7 @@ def acl_text(*, cloud_user: str = "cloud", prefix: str = "edgesplit") -> str:
         f"pattern readwrite {prefix}/presence/%u\n"
         f"pattern write {prefix}/steps/%u\n"
         f"pattern write {prefix}/steps/%u/+\n"
+        f"pattern write {prefix}/infer/%u/+\n"
         f"\nuser {cloud_user}\n"
         f"topic readwrite {prefix}/#\n"
     )

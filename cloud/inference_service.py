@@ -19,7 +19,7 @@ from converters.errors import CodecError, ConfigError, TransportError, WireError
 from converters.mqtt import MqttConfig, MqttEndpoint
 from converters.tensor_codec import encode_tensors
 from converters.topics import Topics, validate_device_id
-from converters.wire import Envelope, MsgType, decode, encode
+from converters.wire import DEFAULT_MAX_BYTES, Envelope, MsgType, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class ServiceConfig:
         max_rows: Most samples one request may carry.
         dedupe: Answered (device, request id) pairs remembered to replay instead of recompute.
         dedupe_bytes: Most reply bytes kept for replays (large batches evict sooner).
+        claim_timeout: Seconds a granted claim waits for its stream before it is forgotten.
+        max_claims: Most granted claims held at once; the oldest is forgotten first.
         reply_threads: Threads publishing replies (each waits for its PUBACK).
         keepalive: MQTT keepalive in seconds.
         qos: MQTT QoS of the shared subscription, transport acks and replies. 0 saves three
@@ -58,6 +60,8 @@ class ServiceConfig:
     max_rows: int = 1024
     dedupe: int = 4096
     dedupe_bytes: int = 32 * 2**20
+    claim_timeout: float = 10.0
+    max_claims: int = 1024
     reply_threads: int = 4
     keepalive: int = 10
     qos: int = 1
@@ -69,6 +73,7 @@ class ServiceConfig:
             "max_rows",
             "dedupe",
             "dedupe_bytes",
+            "max_claims",
             "reply_threads",
             "keepalive",
         ):
@@ -78,6 +83,8 @@ class ServiceConfig:
             problems.append(f"qos must be 0 or 1, got {self.qos}")
         if not 0 <= self.max_delay_ms <= 10_000:
             problems.append(f"max_delay_ms must be in [0, 10000], got {self.max_delay_ms}")
+        if not 0 < self.claim_timeout <= 3600:
+            problems.append(f"claim_timeout must be in (0, 3600] seconds, got {self.claim_timeout}")
         try:
             validate_device_id(self.worker_id)
             Topics(self.prefix).shared_up(self.group)
@@ -98,7 +105,11 @@ class _Request:
 
 @dataclass
 class ServiceStats:
-    """What a worker did; ``replayed`` counts retries answered from the dedupe cache."""
+    """What a worker did; ``replayed`` counts retries answered from the dedupe cache.
+
+    ``claims`` were granted, ``streams`` arrived for one, ``unclaimed`` streams had none (refused)
+    and ``expired`` claims were forgotten without their stream.
+    """
 
     requests: int = 0
     replies: int = 0
@@ -108,6 +119,10 @@ class ServiceStats:
     duplicates: int = 0
     replayed: int = 0
     ignored: int = 0
+    claims: int = 0
+    streams: int = 0
+    unclaimed: int = 0
+    expired: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -124,8 +139,12 @@ class InferenceService:
     """Answers INFER_REQUESTs with the split's cloud half (torch), batching concurrent ones.
 
     Requests arrive through ``$share/<group>/<prefix>/up/+`` so N workers split the load.
-    Each request must fit one transport frame: Mosquitto hands every *message* of a shared
-    subscription to any member, so chunks of one stream would be spread over workers. Replies
+    Mosquitto hands every *message* of a shared subscription to any member, so chunks of one
+    stream would be spread over workers: a request must fit one frame there. A bigger one is
+    claimed first: the device sends a one-frame INFER_CLAIM through the share, the worker that
+    gets it answers with its id and then receives the whole request, as an ordinary multi-frame
+    stream acked on the device's downlink, on ``<prefix>/infer/<device>/<worker>``, which only
+    it reads. A claim lives ``claim_timeout`` seconds; a stream without one is refused. Replies
     go out with ``publish_small`` (one QoS 1 frame, no transport ack) because a device's ack
     would travel on its up topic, i.e. through the shared subscription to a random worker.
     A lost reply surfaces as a device timeout; the retry carries the same request id and is
@@ -153,6 +172,8 @@ class InferenceService:
         self._seen: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
         self._seen_lock = threading.Lock()
         self._seen_bytes = 0
+        self._claims: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> deadline
+        self._claims_lock = threading.Lock()
         self._seq = itertools.count(1)
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(config.reply_threads, thread_name_prefix="infer-reply")
@@ -170,6 +191,8 @@ class InferenceService:
         """Connects, subscribes to the shared uplink and starts batching; returns self."""
         self._batcher.start()
         self.endpoint.connect()
+        # Streams first: a claim granted through the share must find its stream topic read.
+        self.endpoint.subscribe(self.topics.worker_infer(self.config.worker_id), self._on_stream)
         self.endpoint.subscribe(self.topics.shared_up(self.config.group), self._on_uplink)
         return self
 
@@ -197,29 +220,127 @@ class InferenceService:
             self.stats.add(ignored=1)
             log.warning("dropped uplink on %s: %s", topic, exc)
             return
-        if env.type != MsgType.INFER_REQUEST:
+        if env.type == MsgType.INFER_CLAIM:
+            self._on_claim(env, device)
+        elif env.type == MsgType.INFER_REQUEST:
+            self._take(env, device)
+        else:
             self.stats.add(ignored=1)  # another service's message on the shared uplink
+
+    def _on_stream(self, topic: str, sender: str, payload: bytearray) -> None:
+        """A request streamed to this worker only, after it granted the request's claim."""
+        try:
+            device, _ = self.topics.parse_infer(topic)
+            env = decode(payload, sender=device)
+        except WireError as exc:
+            self.stats.add(ignored=1)
+            log.warning("dropped stream on %s: %s", topic, exc)
             return
-        self.stats.add(requests=1)
+        rid = self._request_id(env, device)
+        if rid is None:
+            return
+        if env.type != MsgType.INFER_REQUEST:
+            msg = f"a worker's stream topic takes INFER_REQUEST only, got {env.type.name}"
+            self._error(env, device, rid, "bad_request", msg)
+            return
+        with self._claims_lock:
+            self._expire_claims()
+            claimed = self._claims.pop((device, rid), None) is not None
+        if not claimed:
+            self.stats.add(unclaimed=1)
+            self._error(env, device, rid, "unclaimed", (
+                f"request_id {rid!r} has no open claim on worker {self.config.worker_id} (none "
+                f"granted, or the stream came after claim_timeout={self.config.claim_timeout} s)"
+                "; send INFER_CLAIM through the shared uplink first"
+            ))  # fmt: skip
+            return
+        self.stats.add(streams=1)
+        self._take(env, device)
+
+    def _on_claim(self, env: Envelope, device: str) -> None:
+        """Grants a claim (answers with this worker's id) unless the request is known here."""
+        rid = self._request_id(env, device)
+        if rid is None:
+            return
+        size = env.meta.get("bytes")
+        limit = min(self.endpoint.config.max_payload, DEFAULT_MAX_BYTES)
+        refusal = self._hash_refusal(env.meta.get("model_hash"))
+        if refusal is None and (type(size) is not int or not 1 <= size <= limit):
+            refusal = ("too_large", f"claimed request must be 1..{limit} bytes, got {size!r}")
+        if refusal is not None:
+            self._error(env, device, rid, *refusal)
+            return
+        if self._known(device, rid):
+            return  # answered from the cache or still queued: the reply ends the claim
+        with self._claims_lock:
+            self._expire_claims()
+            self._claims[(device, rid)] = time.monotonic() + self.config.claim_timeout
+            self._claims.move_to_end((device, rid))
+            while len(self._claims) > self.config.max_claims:
+                self._claims.popitem(last=False)
+                self.stats.add(expired=1)
+        self.stats.add(claims=1)
+        claim = env.meta.get("claim")
+        grant = env.reply(
+            type=MsgType.INFER_CLAIM,
+            sender=self.config.worker_id,
+            seq=next(self._seq),
+            meta={"request_id": rid, "worker": self.config.worker_id,
+                  "claim": claim if type(claim) is int else None},
+        )  # fmt: skip
+        self._send_reply(device, encode(grant))
+
+    def _expire_claims(self) -> None:
+        """Forgets claims whose stream did not come in time (claims lock held)."""
+        now = time.monotonic()
+        while self._claims and next(iter(self._claims.values())) < now:
+            self._claims.popitem(last=False)
+            self.stats.add(expired=1)
+
+    @property
+    def open_claims(self) -> int:
+        """Claims granted and still waiting for their stream."""
+        with self._claims_lock:
+            self._expire_claims()
+            return len(self._claims)
+
+    def _request_id(self, env: Envelope, device: str) -> str | None:
+        """The envelope's request id, or None after refusing a malformed one."""
         rid = env.meta.get("request_id")
-        if not isinstance(rid, str) or not 1 <= len(rid) <= _MAX_REQUEST_ID:
-            self._error(
-                env, device, None, "bad_request", f"request_id must be a 1-64 char str, got {rid!r}"
-            )
-            return
+        if isinstance(rid, str) and 1 <= len(rid) <= _MAX_REQUEST_ID:
+            return rid
+        self._error(
+            env, device, None, "bad_request", f"request_id must be a 1-64 char str, got {rid!r}"
+        )
+        return None
+
+    def _known(self, device: str, rid: str, *, mark: bool = False) -> bool:
+        """True (after replaying a cached answer) if this worker has seen the request.
+
+        With ``mark``, an unseen request is recorded as pending, so a retry arriving while it
+        is queued is dropped instead of computed twice.
+        """
         key = (device, rid)
         with self._seen_lock:
             known = key in self._seen
             cached = self._seen.get(key)
-            if not known:
-                self._seen[key] = None  # pending: a retry while queued is dropped, not recomputed
+            if mark and not known:
+                self._seen[key] = None
                 self._trim_seen()
         if known:
             self.stats.add(duplicates=1)
             if cached is not None:
                 self.stats.add(replayed=1)
                 self._send_reply(device, cached)
+        return known
+
+    def _take(self, env: Envelope, device: str) -> None:
+        """Checks a whole INFER_REQUEST and queues it for the batcher (or refuses it)."""
+        self.stats.add(requests=1)
+        rid = self._request_id(env, device)
+        if rid is None or self._known(device, rid, mark=True):
             return
+        key = (device, rid)
         try:
             activation = self._check(env)
         except CodecError as exc:
@@ -240,13 +361,9 @@ class InferenceService:
             CodecError: Bad shape, codec name or payload (NaN/Inf, truncated).
         """
         meta = env.meta
-        theirs = meta.get("model_hash")
-        if theirs != self.model_hash:
-            return (
-                "model_hash",
-                f"model hash {str(theirs)[:8]}... != cloud's {self.model_hash[:8]}...; "
-                "re-export or update the device",
-            )
+        refusal = self._hash_refusal(meta.get("model_hash"))
+        if refusal is not None:
+            return refusal
         shape = meta.get("shape")
         ok = isinstance(shape, list) and all(type(d) is int for d in shape)
         if (
@@ -268,6 +385,16 @@ class InferenceService:
             except ConfigError as exc:
                 return ("bad_codec", str(exc))
         return codec.decode(env.body, shape)
+
+    def _hash_refusal(self, theirs) -> tuple[str, str] | None:
+        """``("model_hash", message)`` if the device's model is not this worker's, else None."""
+        if theirs == self.model_hash:
+            return None
+        return (
+            "model_hash",
+            f"model hash {str(theirs)[:8]}... != cloud's {self.model_hash[:8]}...; "
+            "re-export or update the device",
+        )
 
     def _trim_seen(self) -> None:
         """Evicts the oldest answers beyond ``dedupe`` entries or ``dedupe_bytes`` (lock held)."""

@@ -26,6 +26,10 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", dest="worker_id", default="infer", help="worker id (base) for MQTT")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument(
+        "--claim-timeout", type=float, default=10.0,
+        help="seconds a worker keeps a granted claim for a multi-frame request (default 10)",
+    )  # fmt: skip
+    p.add_argument(
         "--qos", type=int, choices=[0, 1], default=1,
         help="QoS of requests, acks and replies (0: fewer packets, relies on device retries)",
     )  # fmt: skip
@@ -39,7 +43,9 @@ def register_serve_commands(subparsers) -> None:
         description=(
             "Runs the cloud half of a split model for devices that send INFER_REQUESTs. Workers "
             "subscribe to $share/GROUP/PREFIX/up/+ so the broker spreads requests over them; "
-            "start more with --workers or on other machines with the same --group."
+            "a request bigger than one frame is claimed there first, then streamed to "
+            "PREFIX/infer/DEVICE/WORKER of the worker that took the claim. Start more workers "
+            "with --workers or on other machines with the same --group."
         ),
     )
     _add_flags(p)
@@ -95,6 +101,7 @@ def _spawn(args: argparse.Namespace, worker_id: str) -> tuple[subprocess.Popen, 
         "--id", worker_id,
         "--threads", str(args.threads),
         "--qos", str(args.qos),
+        "--claim-timeout", str(args.claim_timeout),
     ]  # fmt: skip
     code = "import sys; from cloud.serve_commands import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *argv]), time.monotonic()
@@ -115,6 +122,7 @@ def _run_worker(args: argparse.Namespace, worker_id: str) -> int:
         max_batch=args.max_batch,
         max_delay_ms=args.max_delay_ms,
         qos=args.qos,
+        claim_timeout=args.claim_timeout,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -227,5 +227,26 @@ class Topics:
                 self.presence(device_id),
                 self.steps(device_id),
                 f"{self.steps(device_id)}/+",
+                f"{self.prefix}/infer/{device_id}/+",  # claimed inference streams
             ],
         }
+
+    # -- split-inference streams (cloud.inference_service) ----------------------------------
+
+    def infer_stream(self, device_id: str, worker: str) -> str:
+        """Device -> one inference worker: a request too big for one frame, streamed whole once
+        that worker granted the device's claim (claims travel on the shared uplink)."""
+        return f"{self.prefix}/infer/{validate_device_id(device_id)}/{validate_device_id(worker)}"
+
+    def worker_infer(self, worker: str) -> str:
+        """Filter one inference worker subscribes to for the streams of the claims it granted."""
+        return f"{self.prefix}/infer/+/{validate_device_id(worker)}"
+
+    def parse_infer(self, topic: str) -> tuple[str, str]:
+        """``(device_id, worker)`` of an inference stream topic; WireError if it is not one."""
+        head = f"{self.prefix}/infer/"
+        ok = isinstance(topic, str) and topic.startswith(head)
+        parts = topic[len(head) :].split("/") if ok else []
+        if len(parts) != 2:
+            raise WireError(f"topic {topic!r} is not an inference stream under {self.prefix!r}")
+        return validate_device_id(parts[0]), validate_device_id(parts[1])

@@ -56,6 +56,7 @@ class MsgType(IntEnum):
     HALF_REQUEST = 38  # step worker -> coordinator: send me the cloud half of meta["round"]
     HALF = 39  # coordinator -> step worker: the round's cloud-half parameters
     HALF_UPDATE = 40  # step worker -> coordinator: one device's trained cloud-half copy
+    INFER_CLAIM = 41  # device -> cloud: claim a worker for a multi-frame request; back: its id
     # secure aggregation (Bonawitz et al.) and HE aggregation (Phong et al.)
     KEY_ADVERTISE = 48  # device -> cloud -> devices: public keys
     KEY_SHARE = 49  # device -> cloud -> device: encrypted Shamir shares

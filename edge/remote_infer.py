@@ -6,7 +6,7 @@ import itertools
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from converters.activation_codec import PCA_ONNX_FILE, PcaCodec, default_codec, 
 from converters.errors import TransportError, WireError
 from converters.mqtt import MqttConfig, MqttEndpoint
 from converters.tensor_codec import decode_tensors
-from converters.topics import Topics
+from converters.topics import Topics, validate_device_id
 from converters.wire import Envelope, MsgType, decode, encode
 from edge.errors import ArtifactMissingError, EdgeInputError, ModelMismatchError
 from split.manifest import Manifest, sha256_file
@@ -27,14 +27,23 @@ RUN_ID = "infer"
 PCA_VARIANT = "pca"
 
 
-class _UnacknowledgedError(Exception):
-    """Internal: no worker acknowledged a request frame before the deadline."""
+class _AttemptError(Exception):
+    """Internal: one attempt failed before its reply could come (reason, then a hint)."""
+
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(reason)
+        self.reason, self.hint = reason, hint
 
 
 @dataclass
 class _Waiter:
-    event: threading.Event = field(default_factory=threading.Event)
-    reply: Envelope | None = None
+    """One request in flight. Changed under ``RemoteInferer._lock``, which ``cond`` shares."""
+
+    cond: threading.Condition
+    reply: Envelope | None = None  # INFER_REPLY or ERROR
+    claim: int | None = None  # token of the current claim (requests bigger than one frame)
+    worker: str | None = None  # the worker that granted it
+    lost: str | None = None  # that worker's refusal of the stream: it no longer had the claim
 
 
 class RemoteInferer:
@@ -146,14 +155,16 @@ class RemoteInferer:
         Returns:
             ``{"variant", "codec", "model_hash", "request_id", "worker", "requests",
             "bytes_sent", "latency_ms", "rows": [{"row", "class", "probabilities"}]}`` like
-            ``edge.commands.infer``. A batch too big for one transport frame goes out as
+            ``edge.commands.infer``. A batch of more than ``max_rows`` samples goes out as
             several requests (``requests`` > 1, ids ``<request_id>.<i>``), one after another.
+            A request too big for one transport frame is claimed first (INFER_CLAIM through
+            the shared uplink), then streamed to the one worker that took the claim.
 
         Raises:
             EdgeInputError: ``x`` does not fit the model.
             ModelMismatchError: The cloud runs another model (hash mismatch).
-            TimeoutError: No worker acknowledged the request, or no reply came in time (after
-                ``retries`` resends with the same id).
+            TimeoutError: No worker acknowledged (or claimed) the request, or no reply came in
+                time (after ``retries`` resends with the same id).
             TransportError: The broker refused the request (ACL) or is unreachable.
         """
         out = self.edge.run(x)
@@ -179,40 +190,17 @@ class RemoteInferer:
         return self._send_rows(activation, self.codec.encode, request_id, timeout, retries)
 
     def _send_rows(self, out, pack, request_id, timeout, retries) -> dict[str, Any]:
-        """One request if the rows fit one frame and ``max_rows``, else slices ``rid.0``, ``rid.1``.
-
-        Shared subscriptions hand each frame to any worker, so a multi-frame request would be
-        split between workers: every request must be one frame.
-        """
+        """One request for up to ``max_rows`` rows, else slices ``rid.0``, ``rid.1``, ..."""
         rid = request_id or secrets.token_hex(8)
         if not isinstance(rid, str) or not 1 <= len(rid) <= 56:
             raise ValueError(f"request_id must be a str of 1-56 characters, got {rid!r}")
         self.connect()
-        limit = self.endpoint.chunk_limit(self._up, self._down)
         n, step = len(out), self.max_rows
         if n <= step:
-            whole = self._envelope(pack(out), n, rid)
-            if len(whole) <= limit:
-                return self._request(whole, rid, timeout, retries)
-            todo = [(0, n // 2), (n // 2, n)] if n > 1 else [(0, 1)]
-        else:
-            todo = [(a, min(a + step, n)) for a in range(0, n, step)]
-        pieces = []
-        while todo:  # halve until each slice fits; sized with the longest sub-id possible
-            a, b = todo.pop(0)
-            size = len(self._envelope(pack(out[a:b]), b - a, f"{rid}.{len(out)}"))
-            if size <= limit:
-                pieces.append((a, b))
-            elif b - a > 1:
-                todo[:0] = [(a, (a + b) // 2), ((a + b) // 2, b)]
-            else:
-                raise EdgeInputError(
-                    f"one sample's request is {size} bytes, more than one transport frame "
-                    f"({limit} bytes); use a smaller codec or raise max_chunk"
-                )
+            return self._request(self._envelope(pack(out), n, rid), rid, timeout, retries)
         parts = []
-        for i, (a, b) in enumerate(pieces):
-            sub = f"{rid}.{i}"
+        for i, a in enumerate(range(0, n, step)):
+            b, sub = min(a + step, n), f"{rid}.{i}"
             data = self._envelope(pack(out[a:b]), b - a, sub)
             parts.append(self._request(data, sub, timeout, retries))
         rows = [r for part in parts for r in part["rows"]]
@@ -246,46 +234,116 @@ class RemoteInferer:
         return encode(env)
 
     def _request(self, data: bytes, rid: str, timeout, retries) -> dict[str, Any]:
+        """Sends one request (through the share if it fits one frame, else claimed) and waits."""
         timeout = self.timeout if timeout is None else timeout
-        waiter = _Waiter()
+        claimed = len(data) > self.endpoint.chunk_limit(self._up, self._down)
+        attempt_once = self._claimed_attempt if claimed else self._attempt
+        waiter = _Waiter(threading.Condition(self._lock))
         with self._lock:
             self._waiters[rid] = waiter
         t0 = time.perf_counter()
         try:
             for attempt in range(retries + 1):
                 try:
-                    if self._attempt(data, waiter, timeout):
+                    if attempt_once(data, rid, waiter, timeout):
                         break
-                    problem = (
-                        f"no INFER_REPLY for request_id={rid!r} within {timeout} s "
-                        f"({attempt + 1} attempt(s)); the worker may have died: retry with "
-                        "the same request_id"
+                    exc = _AttemptError(
+                        f"no INFER_REPLY for request_id={rid!r} within {timeout} s",
+                        "the worker may have died: retry with the same request_id",
                     )
-                except _UnacknowledgedError:
-                    problem = (
-                        f"no inference worker acknowledged request_id={rid!r} within {timeout} s"
-                        f" ({attempt + 1} attempt(s)); is `edgesplit serve` running with prefix "
-                        f"{self.topics.prefix!r}?"
-                    )
+                except _AttemptError as failed:
+                    exc = failed
                 if attempt == retries:
-                    raise TimeoutError(problem)
+                    raise TimeoutError(f"{exc.reason} ({attempt + 1} attempt(s)); {exc.hint}")
         finally:
             with self._lock:
                 self._waiters.pop(rid, None)
         return self._result(waiter.reply, rid, len(data), time.perf_counter() - t0)
 
-    def _attempt(self, data: bytes, waiter: _Waiter, timeout: float) -> bool:
-        """Sends once and waits; True if a reply came, raises _UnacknowledgedError if none acked."""
+    def _no_worker(self, what: str, rid: str, timeout: float) -> _AttemptError:
+        return _AttemptError(
+            f"no inference worker {what} request_id={rid!r} within {timeout} s",
+            f"is `edgesplit serve` running with prefix {self.topics.prefix!r}?",
+        )
+
+    def _wait(self, waiter: _Waiter, until, deadline: float) -> bool:
+        """Waits until ``until()`` holds (checked under the lock) or the deadline passes."""
+        with self._lock:
+            return waiter.cond.wait_for(until, max(0.0, deadline - time.perf_counter()))
+
+    def _attempt(self, data: bytes, rid: str, waiter: _Waiter, timeout: float) -> bool:
+        """Sends once through the shared uplink and waits; True if a reply came."""
         deadline = time.perf_counter() + timeout
         try:
             self.endpoint.send(self._up, data, timeout=timeout)
         except TransportError as exc:
             if "refused" in str(exc) or "aborted" in str(exc):
                 raise  # the broker's ACL or the worker said no: waiting will not help
-            if waiter.event.is_set():
+            if waiter.reply is not None:
                 return True  # acks were lost but the reply made it
-            raise _UnacknowledgedError from None
-        return waiter.event.wait(max(0.0, deadline - time.perf_counter()))
+            raise self._no_worker("acknowledged", rid, timeout) from None
+        return self._wait(waiter, lambda: waiter.reply is not None, deadline)
+
+    def _claimed_attempt(self, data: bytes, rid: str, waiter: _Waiter, timeout: float) -> bool:
+        """Claims a worker through the shared uplink, then streams ``data`` to it alone; True
+        if the reply came.
+
+        A shared subscription hands every frame to any worker, so a multi-frame request would
+        be split between them. The one-frame claim reaches one worker, which answers with its
+        id (or with the reply itself if it has already answered this request id); the request
+        then goes as an ordinary acknowledged stream to that worker's own topic.
+        """
+        deadline = time.perf_counter() + timeout
+        with self._lock:
+            if waiter.reply is not None:
+                return True  # a late reply to an earlier attempt
+            waiter.claim, waiter.worker, waiter.lost = secrets.randbits(31), None, None
+            claim = self._claim_envelope(rid, len(data), waiter.claim)
+        limit = self.endpoint.chunk_limit(self._up)
+        if len(claim) > limit:
+            raise EdgeInputError(
+                f"the claim for request_id={rid!r} is {len(claim)} bytes, more than one "
+                f"transport frame ({limit} bytes); raise max_chunk"
+            )
+        self.endpoint.post(self._up, claim)  # the grant (or the reply) acknowledges it
+        if not self._wait(waiter, lambda: waiter.worker or waiter.reply, deadline):
+            raise self._no_worker("granted a claim for", rid, timeout)
+        if waiter.reply is not None:
+            return True  # answered from a worker's cache: nothing to stream
+        worker = waiter.worker
+        try:
+            left = deadline - time.perf_counter()
+            if left > 0:
+                topic = self.topics.infer_stream(self.device_id, worker)
+                self.endpoint.send(topic, data, ack_topic_for_peer=self._down, timeout=left)
+        except TransportError as exc:
+            if "refused" in str(exc) or "aborted" in str(exc):
+                raise
+            if waiter.reply is not None:
+                return True
+            raise _AttemptError(
+                f"worker {worker!r} granted request_id={rid!r} but took no stream ({exc})",
+                "it may have died: retry with the same request_id (a new claim)",
+            ) from None
+        if not self._wait(waiter, lambda: waiter.reply or waiter.lost, deadline):
+            return False
+        if waiter.reply is not None:
+            return True
+        raise _AttemptError(
+            f"worker {worker!r} refused the stream of request_id={rid!r}: {waiter.lost}",
+            "it may have restarted: retry with the same request_id (a new claim)",
+        )
+
+    def _claim_envelope(self, rid: str, size: int, token: int) -> bytes:
+        env = Envelope(
+            type=MsgType.INFER_CLAIM,
+            run_id=RUN_ID,
+            round=0,
+            sender=self.device_id,
+            seq=next(self._seq),
+            meta={"request_id": rid, "model_hash": self.model_hash, "bytes": size, "claim": token},
+        )
+        return encode(env)
 
     def _result(self, reply: Envelope, rid: str, sent: int, seconds: float) -> dict[str, Any]:
         meta = reply.meta
@@ -318,19 +376,39 @@ class RemoteInferer:
             env = decode(payload)
         except WireError:
             return
-        if env.type not in (MsgType.INFER_REPLY, MsgType.ERROR):
+        if env.type not in (MsgType.INFER_REPLY, MsgType.ERROR, MsgType.INFER_CLAIM):
             return
-        rid = env.meta.get("request_id")
+        meta = env.meta
+        rid = meta.get("request_id")
         with self._lock:
             waiter = self._waiters.get(rid) if isinstance(rid, str) else None
+            if env.type == MsgType.INFER_CLAIM:
+                # Only the first grant of the current claim counts; a late grant of an earlier
+                # attempt is left to expire on its worker.
+                current = waiter and waiter.claim is not None and waiter.worker is None
+                if current and meta.get("claim") == waiter.claim and _is_id(meta.get("worker")):
+                    waiter.worker = meta["worker"]
+                    waiter.cond.notify_all()
+                return
             if waiter is None:
                 self.stale += 1
                 return
-            if waiter.event.is_set():
+            if waiter.reply is not None:
                 self.duplicates += 1
                 return
-            waiter.reply = env
-            waiter.event.set()
+            if meta.get("code") == "unclaimed" and env.sender == waiter.worker:
+                waiter.lost = str(meta.get("error"))  # not an answer: the device claims again
+            else:
+                waiter.reply = env
+            waiter.cond.notify_all()
+
+
+def _is_id(value) -> bool:
+    try:
+        validate_device_id(value)
+    except WireError:
+        return False
+    return True
 
 
 def infer_remote(

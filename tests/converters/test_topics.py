@@ -46,7 +46,7 @@ def test_topics_parse_back_and_wildcards_cover_exactly_their_kind(prefix, dev, o
     if other != dev:
         # No topic of another device is readable or writable under this device's ACL.
         theirs = [t.up(other), t.down(other), t.presence(other), t.steps(other),
-                  t.steps(other, "w1")]  # fmt: skip
+                  t.steps(other, "w1"), t.infer_stream(other, "w1")]  # fmt: skip
         assert not any(mqtt_match(f, x) for f in acl["read"] + acl["write"] for x in theirs)
 
 
@@ -150,11 +150,14 @@ def test_broker_enforces_the_device_acl(acl_broker):
         cloud.subscribe(t.up_wildcard(), qos=1)
         cloud.subscribe(t.presence_wildcard(), qos=1)
         cloud.subscribe(f"{t.prefix}/steps/#", qos=1)
+        cloud.subscribe(f"{t.prefix}/infer/#", qos=1)
         time.sleep(0.3)
         for topic in [t.ctrl(), t.down("pi-01"), t.down("pi-02"), t.up("pi-02")]:
             cloud.publish(topic, b"x", qos=1).wait_for_publish(5)
-        mine = [t.up("pi-01"), t.presence("pi-01"), t.steps("pi-01"), t.steps("pi-01", "w1")]
-        theirs = [t.up("pi-02"), t.presence("pi-02"), t.steps("pi-02"), t.steps("pi-02", "w1")]
+        mine = [t.up("pi-01"), t.presence("pi-01"), t.steps("pi-01"), t.steps("pi-01", "w1"),
+                t.infer_stream("pi-01", "w1")]  # fmt: skip
+        theirs = [t.up("pi-02"), t.presence("pi-02"), t.steps("pi-02"), t.steps("pi-02", "w1"),
+                  t.infer_stream("pi-02", "w1")]  # fmt: skip
         for topic in mine + theirs:
             dev.publish(topic, b"y", qos=1).wait_for_publish(5)
         allowed = t.device_acl("pi-01")
@@ -162,7 +165,7 @@ def test_broker_enforces_the_device_acl(acl_broker):
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             with lock:
-                if len(cloud_seen) >= 5 and len(dev_seen) >= 2:
+                if len(cloud_seen) >= 6 and len(dev_seen) >= 2:
                     break
             time.sleep(0.05)
         time.sleep(0.3)  # give any forbidden delivery the chance to show up

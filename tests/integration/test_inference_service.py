@@ -23,6 +23,7 @@ from cloud.serve_commands import READY
 from converters.activation_codec import attach_pca
 from converters.commands import export_split_dir
 from converters.datasets import load_dataset, train_test_split
+from converters.errors import TransportError
 from converters.mqtt import MqttConfig, MqttEndpoint
 from converters.wire import Envelope, MsgType, decode, encode
 from edge.commands import infer
@@ -162,13 +163,33 @@ class _RawDevice:
             self.replies[env.meta.get("request_id")] = env
             self.cond.notify_all()
 
-    def request(self, rid, body, *, shape, codec="float32", model_hash=None):
-        self.seq += 1
+    def request(self, rid, body, *, shape, codec="float32", model_hash=None, worker=None):
+        """Sends an INFER_REQUEST on the uplink, or streams it to ``worker``'s own topic."""
         meta = {"request_id": rid, "codec": codec, "shape": shape,
                 "model_hash": model_hash or self.hash}  # fmt: skip
-        env = Envelope(type=MsgType.INFER_REQUEST, run_id="infer", round=0, sender=self.id,
-                       seq=self.seq, meta=meta, body=body)  # fmt: skip
-        self.ep.send(f"edgesplit/up/{self.id}", encode(env), timeout=10)
+        data = self._encode(MsgType.INFER_REQUEST, meta, body)
+        up = worker is None  # else streamed to the worker's own topic, as after a grant
+        topic = f"edgesplit/up/{self.id}" if up else f"edgesplit/infer/{self.id}/{worker}"
+        with self.cond:
+            self.replies.pop(rid, None)
+        self.ep.send(topic, data, ack_topic_for_peer=f"edgesplit/down/{self.id}", timeout=10)
+        return self._reply(rid)
+
+    def claim(self, rid, size, *, model_hash=None, token=7):
+        """Posts an INFER_CLAIM through the shared uplink; returns the grant or the ERROR."""
+        meta = {"request_id": rid, "model_hash": model_hash or self.hash, "bytes": size,
+                "claim": token}  # fmt: skip
+        with self.cond:
+            self.replies.pop(rid, None)
+        self.ep.post(f"edgesplit/up/{self.id}", self._encode(MsgType.INFER_CLAIM, meta))
+        return self._reply(rid)
+
+    def _encode(self, msg_type, meta, body=b""):
+        self.seq += 1
+        return encode(Envelope(type=msg_type, run_id="infer", round=0, sender=self.id,
+                               seq=self.seq, meta=meta, body=body))  # fmt: skip
+
+    def _reply(self, rid):
         with self.cond:
             assert self.cond.wait_for(lambda: rid in self.replies, timeout=10), rid
             return self.replies[rid]
@@ -323,15 +344,18 @@ def test_service_config_and_serve_flags_are_validated(trained):
     from converters.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
-        ServiceConfig(directory="d", broker_url="mqtt://x", max_batch=0, group="a/b")
+        ServiceConfig(directory="d", broker_url="mqtt://x", max_batch=0, group="a/b",
+                      claim_timeout=0)  # fmt: skip
     assert "max_batch must be >= 1, got 0" in str(info.value) and "group" in str(info.value)
+    assert "claim_timeout must be in (0, 3600] seconds, got 0" in str(info.value)
     parser = argparse.ArgumentParser(prog="edgesplit")
     register_serve_commands(parser.add_subparsers())
     args = parser.parse_args(
         ["serve", "DIR", "--broker", "mqtt://h:1", "--workers", "3", "--max-batch", "8",
-         "--max-delay-ms", "5", "--group", "g"]
+         "--max-delay-ms", "5", "--group", "g", "--claim-timeout", "3"]
     )  # fmt: skip
     assert (args.workers, args.max_batch, args.max_delay_ms, args.group) == (3, 8, 5.0, "g")
+    assert args.claim_timeout == 3.0
     args.workers = 0
     with pytest.raises(ValueError, match="--workers must be >= 1, got 0"):
         args.func(args)
@@ -432,26 +456,186 @@ def test_dedupe_cache_is_bounded_by_bytes(trained, mosquitto):
     assert service.stats.rows == 6 and service.stats.replayed == 0
 
 
-def test_batch_bigger_than_one_frame_goes_out_in_slices(trained, mosquitto):
+SMALL_FRAMES = {"max_chunk": 256}  # one float32 digits sample is a 468-byte request
+
+
+def test_request_bigger_than_one_frame_is_claimed_and_answered_by_one_worker(trained, mosquitto):
     directory, test = trained
-    x = test.x[:50]  # 50 x 256 B float32 activations; frames capped at 4 KiB below
-    local = infer(directory, x)
-    with _service(directory, mosquitto) as service, RemoteInferer(
-        directory, broker_url=mosquitto.url, device_id="pi-01", codec="float32",
-        mqtt_options={"max_chunk": 4096},
-    ) as device:  # fmt: skip
-        result = device.infer(x, request_id="big")
+    x = test.x[:50]
+    local = infer(directory, x)  # oracle: edge and cloud halves in this process
+    with (
+        _service(directory, mosquitto, worker_id="w0") as w0,
+        _service(directory, mosquitto, worker_id="w1") as w1,
+        RemoteInferer(directory, broker_url=mosquitto.url, device_id="pi-01", codec="float32",
+                      mqtt_options=SMALL_FRAMES) as device,
+    ):  # fmt: skip
+        one = device.infer(x[0], request_id="one")  # a single sample over two frames
+        batch = device.infer(x, request_id="batch")  # 50 samples, ~13 KB: one claim, one stream
+        streamed = [(s.stats.claims, s.stats.streams, s.stats.replies) for s in (w0, w1)]
         capped = RemoteInferer(directory, broker_url=mosquitto.url, device_id="pi-03",
                                codec="float32", max_rows=16)  # fmt: skip
         with capped:
             by_rows = capped.infer(x)
-        with pytest.raises(EdgeInputError, match="one sample's request is"):
+        refused = r"request_id='c' is \d+ bytes, more than one transport frame \(150 bytes\)"
+        with pytest.raises(EdgeInputError, match=refused):
             tiny = RemoteInferer(directory, broker_url=mosquitto.url, device_id="pi-02",
-                                 codec="float32", mqtt_options={"max_chunk": 200})  # fmt: skip
+                                 codec="float32", mqtt_options={"max_chunk": 150})  # fmt: skip
             with tiny:
-                tiny.infer(x[:1])
-    assert by_rows["requests"] == 4  # 16 + 16 + 16 + 2 rows
-    assert result["requests"] == service.stats.replies - 4 > 1
+                tiny.infer(x[:1], request_id="c")
+        open_claims = w0.open_claims + w1.open_claims
+    np.testing.assert_allclose(_probs(one)[0], _probs(local)[0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(_probs(batch), _probs(local), atol=1e-6, rtol=0)
+    assert [r["row"] for r in batch["rows"]] == list(range(50))
+    assert one["requests"] == batch["requests"] == 1
+    # Each big request was granted, streamed to and answered by one worker, and only there.
+    assert sum(c for c, _, _ in streamed) == 2 and all(c == s == r for c, s, r in streamed)
+    by_worker = {w: r for w, (_, _, r) in zip(("w0", "w1"), streamed, strict=True)}
+    assert by_worker[one["worker"]] >= 1 and by_worker[batch["worker"]] >= 1
+    assert open_claims == 0 and device.duplicates == device.stale == 0
+    assert by_rows["requests"] == 4  # 16 + 16 + 16 + 2 rows, through the shared uplink
     np.testing.assert_allclose(_probs(by_rows), _probs(local), atol=1e-6, rtol=0)
-    assert [r["row"] for r in result["rows"]] == list(range(50))
-    np.testing.assert_allclose(_probs(result), _probs(local), atol=1e-6, rtol=0)
+
+
+def test_concurrent_large_requests_are_each_answered_once(trained, mosquitto):
+    directory, test = trained
+    rng = np.random.default_rng(0)
+    # 4 devices x 2 threads x 4 requests of 1-3 samples, every one bigger than a frame.
+    picks = {(d, t, k): rng.choice(len(test.x), size=int(rng.integers(1, 4)), replace=False)
+             for d in range(4) for t in range(2) for k in range(4)}  # fmt: skip
+    devices = [
+        RemoteInferer(directory, broker_url=mosquitto.url, device_id=f"pi-{d}", codec="float32",
+                      mqtt_options=SMALL_FRAMES).connect()
+        for d in range(4)
+    ]  # fmt: skip
+    results = {}
+    try:
+        with (
+            _service(directory, mosquitto, worker_id="w0", max_delay_ms=5) as w0,
+            _service(directory, mosquitto, worker_id="w1", max_delay_ms=5) as w1,
+        ):
+            barrier = threading.Barrier(8)
+
+            def run(dt):
+                d, t = dt
+                barrier.wait()
+                for k in range(4):
+                    rows = test.x[picks[(d, t, k)]]
+                    results[(d, t, k)] = devices[d].infer(rows, request_id=f"r{t}-{k}")
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(run, [(d, t) for d in range(4) for t in range(2)]))
+            stats = [s.stats.as_dict() for s in (w0, w1)]
+    finally:
+        for d in devices:
+            d.close()
+    assert len(results) == 32
+    everything = np.concatenate([test.x[i] for i in picks.values()])
+    want = _probs(infer(directory, everything))
+    got = np.concatenate([_probs(results[key]) for key in picks])
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert {r["worker"] for r in results.values()} == {"w0", "w1"}
+    assert sum(s["claims"] for s in stats) == sum(s["streams"] for s in stats) == 32
+    assert sum(s["replies"] for s in stats) == 32  # no request computed or answered twice
+    assert sum(s["errors"] + s["unclaimed"] + s["expired"] for s in stats) == 0
+    assert sum(d.duplicates + d.stale for d in devices) == 0
+
+
+def test_stream_without_claim_and_abandoned_claim_are_refused_and_forgotten(trained, mosquitto):
+    directory, test = trained
+    good = b"EA\x01\x01" + np.zeros((1, 16, 2, 2), "<f4").tobytes()  # float32 payload
+    with _service(directory, mosquitto, claim_timeout=0.5) as service:
+        raw = _RawDevice(mosquitto.url, "pi-raw", service.model_hash)
+        honest = RemoteInferer(directory, broker_url=mosquitto.url, device_id="pi-good",
+                               codec="float32", mqtt_options=SMALL_FRAMES)  # fmt: skip
+        plain = RemoteInferer(directory, broker_url=mosquitto.url, device_id="pi-plain",
+                              codec="float32")  # fmt: skip
+        with honest, plain:
+            unclaimed = raw.request("s1", good, shape=[1, 16, 2, 2], worker="infer-0")
+            other_model = raw.claim("c1", 500, model_hash="0" * 64)
+            too_big = raw.claim("c2", 2**40)
+            grant = raw.claim("c3", 500, token=42)
+            held = service.open_claims
+            small = plain.infer(test.x[0], request_id="ok-small")  # one frame: no claim
+            time.sleep(0.6)  # past claim_timeout: c3 is forgotten
+            forgotten = service.open_claims
+            late = raw.request("c3", good, shape=[1, 16, 2, 2], worker="infer-0")
+            big = honest.infer(test.x[:3], request_id="ok-big")
+            again = raw.claim("c4", 500)
+            served = raw.request("c4", good, shape=[1, 16, 2, 2], worker="infer-0")
+        raw.ep.close()
+    assert unclaimed.type == MsgType.ERROR and unclaimed.meta["code"] == "unclaimed"
+    assert unclaimed.meta["error"] == (
+        "request_id 's1' has no open claim on worker infer-0 (none granted, or the stream came "
+        "after claim_timeout=0.5 s); send INFER_CLAIM through the shared uplink first"
+    )
+    assert other_model.type == MsgType.ERROR and other_model.meta["code"] == "model_hash"
+    assert too_big.type == MsgType.ERROR and too_big.meta["code"] == "too_large"
+    assert "claimed request must be 1..268435456 bytes, got 1099511627776" in too_big.meta["error"]
+    assert grant.type == MsgType.INFER_CLAIM
+    assert grant.meta == {"request_id": "c3", "worker": "infer-0", "claim": 42}
+    assert (held, forgotten) == (1, 0)
+    assert late.type == MsgType.ERROR and late.meta["code"] == "unclaimed"
+    assert again.type == MsgType.INFER_CLAIM and served.type == MsgType.INFER_REPLY
+    for env in (unclaimed, other_model, too_big, late):
+        assert "\n" not in env.meta["error"]
+    want = _probs(infer(directory, test.x[:3]))
+    np.testing.assert_allclose(_probs(small)[0], want[0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(_probs(big), want, atol=1e-6, rtol=0)
+    st = service.stats
+    assert (st.unclaimed, st.expired, st.errors, st.replies) == (2, 1, 4, 3)
+    assert (st.claims, st.streams) == (3, 2)  # c3, ok-big, c4 granted; ok-big and c4 streamed
+
+
+def test_worker_killed_after_its_claim_is_replaced_on_retry(trained, mosquitto):
+    directory, test = trained
+    procs = {f"w{i}": _start_worker(directory, mosquitto.url, f"w{i}") for i in range(2)}
+    device = RemoteInferer(
+        directory, broker_url=mosquitto.url, device_id="pi-k", codec="float32", timeout=3.0,
+        mqtt_options={**SMALL_FRAMES, "ack_timeout": 0.3, "retries": 2},
+    )  # fmt: skip
+    killed = []
+    send = device.endpoint.send
+
+    def kill_then_send(topic, payload, **kw):
+        # The grant came, the stream has not left: kill the worker that granted the claim.
+        if not killed and "/infer/" in topic:
+            killed.append(topic.rsplit("/", 1)[1])
+            procs[killed[0]].send_signal(signal.SIGKILL)
+            procs[killed[0]].wait(timeout=10)
+        return send(topic, payload, **kw)
+
+    device.endpoint.send = kill_then_send
+    try:
+        for p in procs.values():
+            _wait_ready(p)
+        with device:
+            result = device.infer(test.x[:3], request_id="k1", retries=2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+            p.wait(timeout=20)
+    survivor = ({"w0", "w1"} - set(killed)).pop()
+    assert len(killed) == 1 and result["worker"] == survivor
+    np.testing.assert_allclose(_probs(result), _probs(infer(directory, test.x[:3])), atol=1e-6)
+    assert device.duplicates == 0
+    assert procs[survivor].returncode == 0
+
+
+def test_claimed_stream_passes_the_generated_broker_acl(trained, mosquitto_acl):
+    directory, test = trained
+    b, pw = mosquitto_acl, mosquitto_acl.credentials
+    cloud_url = f"mqtt://cloud:{pw['cloud']}@{b.host}:{b.port}"
+    device_url = f"mqtt://pi-01:{pw['pi-01']}@{b.host}:{b.port}"
+    config = ServiceConfig(directory=str(directory), broker_url=cloud_url, prefix="es")
+    with InferenceService(config) as service, RemoteInferer(
+        directory, broker_url=device_url, device_id="pi-01", prefix="es", codec="float32",
+        mqtt_options={**SMALL_FRAMES, "ack_timeout": 0.3, "retries": 1},
+    ) as device:  # fmt: skip
+        result = device.infer(test.x[:2])
+        # The ACL lets a device stream only under its own id.
+        with pytest.raises(TransportError, match="broker refused a frame"):
+            device.endpoint.send("es/infer/pi-02/infer-0", b"x" * 600,
+                                 ack_topic_for_peer="es/down/pi-01")  # fmt: skip
+    np.testing.assert_allclose(_probs(result), _probs(infer(directory, test.x[:2])), atol=1e-6)
+    assert service.stats.streams == 1
