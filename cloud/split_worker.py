@@ -6,7 +6,10 @@ workers, any number of them, on any machine that reaches the broker:
 
 1. A device sends the first step of its round to ``<prefix>/steps/<device>``. The workers
    subscribe to it through one shared subscription (``$share/<group>/<prefix>/steps/+``), so
-   the broker gives that step to exactly one of them: the session's owner.
+   the broker gives that step to exactly one of them: the session's owner. A first step too
+   big for one transport frame would have its frames spread over the workers, so the device
+   first sends a one-frame STEP_CLAIM there; the worker that gets it answers STEP_CLAIM with
+   its id, and the step goes to that worker's own topic (step 2) as a multi-frame stream.
 2. The owner answers (GRADIENT, ``meta.worker`` = its id) and the device sends every further
    step of the round to ``<prefix>/steps/<device>/<worker>``, which only the owner reads:
    sticky routing, because the owner holds the device's cloud-half copy (V1).
@@ -142,8 +145,14 @@ class SplitStepWorker:
             env = decode(payload, max_bytes=self.max_message_bytes)
             if env.sender != device:
                 raise WireError(f"sender {env.sender!r} does not match topic device {device!r}")
+            if env.type == MsgType.STEP_CLAIM and worker is None:
+                self._grant(device, env)
+                return
             if env.type != MsgType.ACTIVATION:
-                raise WireError(f"step topics carry ACTIVATION only, got {env.type.name}")
+                raise WireError(
+                    f"step topics carry ACTIVATION (and STEP_CLAIM on the shared topic) only, "
+                    f"got {env.type.name}"
+                )
             step = env.meta.get("step")
             if not isinstance(step, int) or isinstance(step, bool) or step < 0:
                 raise WireError(f"meta.step must be an int >= 0, got {step!r}")
@@ -159,6 +168,18 @@ class SplitStepWorker:
         if seen == StepLedger.QUEUED:
             return
         self._work.put((device, env, len(payload)))
+
+    def _grant(self, device: str, env: Envelope) -> None:
+        """Answers a claim: the device then streams its multi-frame first step to this worker.
+
+        Stateless: the session starts when that step arrives, as with a one-frame first step.
+        """
+        claim = env.meta.get("claim")
+        if not isinstance(claim, str) or not 1 <= len(claim) <= 64:
+            self._reject(f"STEP_CLAIM from {device}: meta.claim must be a str of 1-64 characters")
+            return
+        meta = {"claim": claim, "step": env.meta.get("step"), "worker": self.id}
+        self._post(device, self._envelope(MsgType.STEP_CLAIM, env, meta))
 
     def _on_half(self, topic: str, sender: str, payload: bytes) -> None:
         try:

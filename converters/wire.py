@@ -57,6 +57,7 @@ class MsgType(IntEnum):
     HALF = 39  # coordinator -> step worker: the round's cloud-half parameters
     HALF_UPDATE = 40  # step worker -> coordinator: one device's trained cloud-half copy
     INFER_CLAIM = 41  # device -> cloud: claim a worker for a multi-frame request; back: its id
+    STEP_CLAIM = 42  # device -> step workers: claim an owner before a multi-frame first step
     # secure aggregation (Bonawitz et al.) and HE aggregation (Phong et al.)
     KEY_ADVERTISE = 48  # device -> cloud -> devices: public keys
     KEY_SHARE = 49  # device -> cloud -> device: encrypted Shamir shares

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import queue
+import secrets
 import time
 import zlib
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -149,6 +150,8 @@ class SplitClient(DeviceLink):
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1)
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._grants: queue.SimpleQueue = queue.SimpleQueue()  # STEP_CLAIM answers
+        self._claim: str | None = None  # the open claim's token
         # (run_id, round, step, reply type) awaited; ERROR for that step is accepted too.
         self._pending: tuple[str, int, int, MsgType] | None = None
         self._done: set[tuple] = set()
@@ -199,6 +202,15 @@ class SplitClient(DeviceLink):
             self._executor.submit(self._round, env)
         elif env.type in _STEP_REPLIES:
             self._on_step_reply(env)
+        elif env.type == MsgType.STEP_CLAIM:
+            with self._lock:
+                mine = self._claim is not None and env.meta.get("claim") == self._claim
+                if mine:
+                    self._claim = None  # the first grant wins; another worker's is ignored
+            if mine:
+                self._grants.put(env)
+            else:
+                self._reject(f"STEP_CLAIM answer for no open claim (worker {env.sender!r})")
         elif env.type == MsgType.BYE:
             self.finished.set()
         else:
@@ -278,12 +290,10 @@ class SplitClient(DeviceLink):
         deadline = time.monotonic() + opts.step_timeout
         if not self.endpoint.fits_one_frame(topic, len(payload)):
             if self._via_workers and self._worker is None:
-                # A shared subscription may hand each frame of a stream to another worker.
-                raise SplitProtocolError(
-                    f"step {step}: {len(payload)} bytes do not fit one frame, which the first "
-                    "step of a session must (step workers pick it up through a shared "
-                    "subscription); use a smaller batch or a compressing act_codec"
-                )
+                # A shared subscription may hand each frame of a stream to another worker:
+                # claim an owner with one frame first, then stream to it alone.
+                self._claim_worker(env, step, deadline)
+                topic = self._step_topic()
             # Multi-frame: the transport's acks deliver it; the cloud's reply is then awaited.
             self.endpoint.send(
                 topic, payload, timeout=opts.send_timeout,
@@ -314,6 +324,41 @@ class SplitClient(DeviceLink):
         if reply.type == MsgType.ERROR:
             raise SplitProtocolError(f"cloud refused step {step}: {reply.meta.get('error')}")
         return reply
+
+    def _claim_worker(self, env: Envelope, step: int, deadline: float) -> None:
+        """Pins the step worker that answers a one-frame STEP_CLAIM (sent again every
+        ``step_resend`` seconds until the step's deadline)."""
+        token = secrets.token_hex(8)
+        with self._lock:
+            self._claim = token
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._grants.get_nowait()
+        claim = env.reply(
+            type=MsgType.STEP_CLAIM, sender=self.id, seq=self._next_seq(),
+            meta={"step": step, "claim": token},
+        )  # fmt: skip
+        payload = encode(claim)
+        while True:
+            self.endpoint.post(self.topics.steps(self.id), payload)
+            left = deadline - time.monotonic()
+            try:
+                grant = self._grants.get(timeout=max(0.0, min(left, self.options.step_resend)))
+                break
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    with self._lock:
+                        self._claim = None
+                    raise TimeoutError(
+                        f"step {step}: no step worker answered the claim within "
+                        f"{self.options.step_timeout} s"
+                    ) from None
+        try:
+            self._worker = validate_device_id(grant.meta.get("worker"))
+        except (WireError, ValueError, TypeError):
+            raise SplitProtocolError(
+                f"STEP_CLAIM answer needs meta.worker (an id), got {grant.meta.get('worker')!r}"
+            ) from None
 
     def _step_topic(self) -> str:
         if not self._via_workers:

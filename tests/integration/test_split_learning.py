@@ -493,7 +493,7 @@ def test_resumed_split_run_equals_an_uninterrupted_one(split_run, tmp_path, mode
         ({"mode": "splitfed-v2", "strategy": "fedprox"}, "fedprox' is not supported in split"),
         (
             {"mode": "splitfed-v1", "dp": "sample", "noise_multiplier": 1.0},
-            "'sample' in split learning needs mode 'ushaped'",
+            "act_noise_clip must be > 0 with dp='sample' in a split mode",
         ),
     ],
 )

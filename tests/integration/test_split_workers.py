@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -40,7 +41,9 @@ def _config(tmp_path, name: str, **kw) -> FederatedConfig:
 class Federation:
     """Devices, optional step workers and the coordinator on one broker."""
 
-    def __init__(self, broker, config, *, clients: int, workers: int = 0, step_timeout=30.0):
+    def __init__(
+        self, broker, config, *, clients: int, workers: int = 0, step_timeout=30.0, max_chunk=None
+    ):
         self.config = config
         shards, test = federated_split(
             config.dataset, clients=clients, scheme="iid", seed=0, test_fraction=0.2
@@ -50,10 +53,10 @@ class Federation:
             opts = SplitClientOptions(
                 device_id=dev, prefix=config.prefix, step_timeout=step_timeout, step_resend=5.0
             )
-            c = SplitClient(
-                options=opts, mqtt=MqttConfig.from_url(broker.url, client_id=dev),
-                x=shard.x, y=shard.y,
-            )  # fmt: skip
+            mqtt = MqttConfig.from_url(broker.url, client_id=dev)
+            if max_chunk is not None:  # frames this small make every step a multi-frame stream
+                mqtt = dataclasses.replace(mqtt, max_chunk=max_chunk)
+            c = SplitClient(options=opts, mqtt=mqtt, x=shard.x, y=shard.y)
             self.devices.append(c.start() or c)
         self.workers = [
             SplitStepWorker(
@@ -129,6 +132,42 @@ def test_step_workers_train_exactly_what_the_in_process_cloud_trains(federation,
     assert summary["accuracy"] > 0.7 and w0.rejected == w1.rejected == 0
 
 
+def test_first_steps_bigger_than_one_frame_claim_a_worker_then_stream_to_it(federation, tmp_path):
+    local = federation(_config(tmp_path, "local"), clients=3)
+    local.trainer.run()
+    local.close()
+    fed = federation(
+        _config(tmp_path, "claims", split_workers=2), clients=3, workers=2, max_chunk=1024
+    )
+    grants = []
+
+    def recording(worker):
+        grant = worker._grant
+
+        def wrapped(device, env):
+            grants.append((worker.id, device))
+            grant(device, env)
+
+        return wrapped
+
+    for w in fed.workers:
+        w._grant = recording(w)
+    fed.trainer.run()
+    assert fed.devices[0].endpoint.fits_one_frame("x/steps/dev-0000", 16 * 64 * 4) is False
+    want = local.trainer.model.state_dict()
+    for k, v in fed.trainer.model.state_dict().items():
+        np.testing.assert_allclose(v.numpy(), want[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
+    assert [r["status"] for r in fed.rows()] == ["ok", "ok"]
+    assert len(grants) == 6  # one claim per device and round, answered by one worker
+    owners = {}
+    for w in fed.workers:
+        for _run, round_, device in w.sessions:
+            assert (round_, device) not in owners
+            owners[(round_, device)] = w.id
+    assert len(owners) == 6 and all(w.rejected == 0 for w in fed.workers)
+    assert sorted(grants) == sorted((w, d) for (_, d), w in owners.items())
+
+
 def test_a_killed_step_worker_loses_only_its_sessions_and_the_next_round_recovers(
     federation, tmp_path
 ):
@@ -196,6 +235,7 @@ def test_bad_messages_to_workers_and_coordinator_are_refused_and_the_round_goes_
         )
         rogue.post(topics.steps("dev-0000"), env(MsgType.UPDATE, "dev-0000", {"step": 1}))
         rogue.post(topics.steps("dev-0000"), env(MsgType.ACTIVATION, "dev-0000", {"step": -3}))
+        rogue.post(topics.steps("dev-0000"), env(MsgType.STEP_CLAIM, "dev-0000", {"step": 1}))
         half = encode_tensors({"nope": np.ones(3, np.float32)})
         rogue.send(
             topics.worker("w0", "up"),  # wrong tensors for the cloud half
@@ -222,9 +262,10 @@ def test_bad_messages_to_workers_and_coordinator_are_refused_and_the_round_goes_
     assert sent.is_set()
     (row,) = fed.rows()
     assert row["status"] == "ok" and row["clients_ok"] == 2, row
-    assert worker.rejected == 4, worker.reasons
+    assert worker.rejected == 5, worker.reasons
     assert any("does not match topic device" in r for r in worker.reasons)
-    assert any("carry ACTIVATION only, got UPDATE" in r for r in worker.reasons)
+    assert any("STEP_CLAIM on the shared topic) only, got UPDATE" in r for r in worker.reasons)
+    assert any("STEP_CLAIM from dev-0000: meta.claim must be a str" in r for r in worker.reasons)
     assert any("meta.step must be an int >= 0, got -3" in r for r in worker.reasons)
     assert row["rejected"] >= 2, row  # the coordinator's two, counted in the round
     assert summary["accuracy"] > 0.5
