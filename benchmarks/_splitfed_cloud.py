@@ -4,8 +4,12 @@ Used by ``benchmarks/split_throughput.py``. For each device count the same
 :class:`cloud.split_trainer.SplitTrainer` runs SplitFed V2 twice on a fresh Mosquitto: once
 serving one device's step per cloud call (``batch_window=0``, the baseline) and once batching
 every device's pending step into one forward/backward. The devices replay fixed activations
-(``_splitfed_devices.py``, one separate process) so that the cloud, not the simulated phones,
-is the bottleneck; round 1 warms up, rounds 2.. are timed.
+(``_splitfed_devices.py``, spread over two processes so that one GIL does not cap them) so that
+the cloud, not the simulated phones, is the bottleneck as far as the machine allows; round 1
+warms up, rounds 2.. are timed.
+
+Run alone: ``python benchmarks/_splitfed_cloud.py [--levels 1,10,50] [--repeat 2] [--only
+splitfed]``; ``--json PATH`` keeps every run's figures.
 """
 
 from __future__ import annotations
@@ -166,16 +170,23 @@ def run_once(
 
 
 def bench_splitfed(
-    *, smoke: bool, model: str = "digits-cnn", device_procs: int = 1, mqtt_kw: dict | None = None
+    *,
+    smoke: bool,
+    model: str = "digits-cnn",
+    device_procs: int = 2,
+    mqtt_kw: dict | None = None,
+    levels: tuple[int, ...] | None = None,
+    rounds: int | None = None,
 ) -> dict:
-    levels = (1, 10) if smoke else (1, 10, 50)
+    levels = levels or ((1, 10) if smoke else (1, 10, 50))
+    rounds = rounds or (2 if smoke else 3)
     out = {}
     for n in levels:
         for batched in (False, True):
             key = f"devices={n} {'batched' if batched else 'one-at-a-time'}"
             out[key] = run_once(
                 model=model, devices=n, batched=batched, samples=64 if smoke else 256,
-                batch_size=16, rounds=2 if smoke else 3, device_procs=device_procs,
+                batch_size=16, rounds=rounds, device_procs=min(device_procs, n),
                 mqtt_kw=mqtt_kw,
             )  # fmt: skip
             print(f"  {key:<32} {out[key]['samples_per_s']:>8.0f} samples/s  "
@@ -208,15 +219,38 @@ def bench_step_workers(*, smoke: bool, model: str = "digits-cnn") -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
     import argparse
+    import json
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--model", default="digits-cnn")
     ap.add_argument("--qos", type=int, default=1)
     ap.add_argument("--protocol", default="v5")
+    ap.add_argument("--levels", help="device counts, e.g. 1,10,50 (default: 1,10,50; smoke 1,10)")
+    ap.add_argument("--rounds", type=int, help="rounds per run; round 1 is not timed")
+    ap.add_argument("--device-procs", type=int, default=2, help="load generator processes")
+    ap.add_argument("--repeat", type=int, default=1, help="run the SplitFed sweep this often")
+    ap.add_argument("--only", choices=("splitfed", "workers"), help="skip the other benchmark")
+    ap.add_argument("--json", type=Path, help="write every run's figures here")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)  # as split_throughput.py: the devices and broker share the 2 cores
-    bench_splitfed(smoke=a.smoke, model=a.model, mqtt_kw={"qos": a.qos, "protocol": a.protocol})
-    bench_step_workers(smoke=a.smoke, model=a.model)
+    results: dict = {"splitfed": [], "step_workers": None}
+    if a.only != "workers":
+        levels = tuple(int(v) for v in a.levels.split(",")) if a.levels else None
+        for _ in range(a.repeat):
+            results["splitfed"].append(
+                bench_splitfed(
+                    smoke=a.smoke,
+                    model=a.model,
+                    device_procs=a.device_procs,
+                    levels=levels,
+                    rounds=a.rounds,
+                    mqtt_kw={"qos": a.qos, "protocol": a.protocol},
+                )
+            )
+    if a.only != "splitfed":
+        results["step_workers"] = bench_step_workers(smoke=a.smoke, model=a.model)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1))

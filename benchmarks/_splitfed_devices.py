@@ -2,11 +2,16 @@
 
 Run as ``python benchmarks/_splitfed_devices.py --broker URL --model M --count N ...``. Each
 device is a real :class:`edge.split_client.SplitClient` (own MQTT connection, presence, the
-real step protocol and codecs) whose local data ARE activations at the cut: a step sends a
+real step exchange and codecs) whose local data ARE activations at the cut: a step sends a
 batch of them with its labels and decodes the cloud's gradient, but skips the edge forward and
 backward. The cloud therefore sees exactly the traffic of real devices while the devices cost
-almost nothing, so the benchmark measures what the cloud sustains, not what a 2-core machine
-can simulate of 50 phones.
+little, so the benchmark measures what the cloud sustains, not what a 2-core machine can
+simulate of 50 phones.
+
+The replay round is lean on purpose: its batches are cut once, in a fixed order (contiguous
+NumPy arrays, no torch and no optimizer per step), and the UPDATE that ends the round sends the
+device half it was given back unchanged (what the cloud checks is its names and shapes).
+``_splitfed_cloud.py`` spreads the devices over two such processes.
 """
 
 from __future__ import annotations
@@ -21,22 +26,55 @@ import numpy as np
 
 
 def _replay_client_class():
-    from converters.wire import MsgType
-    from edge.split_client import SplitClient
+    from converters.wire import MsgType, encode
+    from edge.errors import SplitProtocolError
+    from edge.split_client import SplitClient, _parse_model_meta
 
     class ReplayClient(SplitClient):
-        def _step(self, env, step, meta, sm, xb, yb):
-            a_np = xb.numpy()
-            reply = self._exchange(
-                env,
-                step,
-                MsgType.ACTIVATION,
-                meta,
-                {"activation": a_np, "labels": yb},
-                MsgType.GRADIENT,
+        """A device whose local data are activations at the cut (non-U-shaped modes)."""
+
+        _cut: tuple[int, list] | None = None  # (batch size, [(activation, labels), ...])
+
+        def _batches(self, bs: int) -> list:
+            if self._cut is None or self._cut[0] != bs:
+                x = np.ascontiguousarray(self.x, dtype=np.float32)
+                y = np.ascontiguousarray(self.y, dtype=np.int64)
+                self._cut = (bs, [(x[s : s + bs], y[s : s + bs]) for s in range(0, len(y), bs)])
+            return self._cut[1]
+
+        def _train(self, env) -> None:
+            cfg, mode, _, _ = _parse_model_meta(env.meta)
+            if mode == "ushaped":
+                raise SplitProtocolError("replay devices hold no head; use a non-U-shaped mode")
+            self._codec = str(cfg.get("act_codec", "float32"))
+            self._via_workers, self._worker = env.meta.get("steps") == "workers", None
+            epochs, batches = int(cfg["epochs"]), self._batches(int(cfg["batch_size"]))
+            t0, step, last = time.perf_counter(), 0, epochs * len(batches)
+            for epoch in range(epochs):
+                for xb, yb in batches:
+                    step += 1
+                    meta = {"epoch": epoch, "batch": len(yb)}
+                    if self._via_workers and step == last:
+                        meta["last"] = True  # the worker then sends our cloud-half copy on
+                    tensors = {"activation": xb, "labels": yb}
+                    reply = self._exchange(
+                        env, step, MsgType.ACTIVATION, meta, tensors, MsgType.GRADIENT
+                    )
+                    self._reply_tensor(reply, MsgType.GRADIENT, "grad", xb.shape)
+                    self.steps += 1
+            n = len(self.y)
+            metrics = {"steps": step, "train_seconds": time.perf_counter() - t0, "samples": n}
+            update = env.reply(
+                type=MsgType.UPDATE,
+                sender=self.id,
+                seq=self._next_seq(),
+                meta={"num_samples": n, "metrics": metrics},
+                body=env.body,  # the device half as received: float32, the names the cloud expects
             )
-            self._reply_tensor(reply, MsgType.GRADIENT, "grad", a_np.shape)
-            return None
+            self.endpoint.send(
+                self.topics.up(self.id), encode(update), timeout=self.options.send_timeout
+            )
+            self.rounds_trained += 1
 
     return ReplayClient
 

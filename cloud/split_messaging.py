@@ -360,11 +360,10 @@ class SplitMessaging:
     def _compute_loop(self) -> None:
         for batch in self._work.batches():
             state = self._current()
-            live = [
-                b for b in batch
-                if state is not None and b[2].round == state.round
-                and b[1].device in state.pending()
-            ]  # fmt: skip
+            if state is None:
+                continue
+            pending = state.pending()  # a fresh set: once per batch, not once per device
+            live = [b for b in batch if b[2].round == state.round and b[1].device in pending]
             if live:
                 self._serve(live)
 

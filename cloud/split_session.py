@@ -156,23 +156,42 @@ class CloudHalf:
             The gradient w.r.t. each item's activation, in ``items`` order.
         """
         torch = self._torch
-        for item in items:
-            self._check_labels(item)
+        ys = [it.labels for it in items]
+        y = None
+        if all(v is not None and v.size for v in ys):
+            y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+            if y.min() < 0 or y.max() >= self.num_classes:
+                y = None
+        if y is None:  # name the first device and step at fault
+            for item in items:
+                self._check_labels(item)
         if len(items) > 1 and self.mode != "splitfed-v2":
             raise SplitProtocolError(f"mode {self.mode} serves one device per step")
         t0 = time.perf_counter()
         module, opt = self._session(items[0].device)
-        acts = [torch.from_numpy(it.activation).requires_grad_(True) for it in items]
-        labels = torch.from_numpy(np.concatenate([it.labels for it in items]).astype(np.int64))
-        out = module(torch.cat(acts) if len(acts) > 1 else acts[0])
-        loss = torch.nn.functional.cross_entropy(out, labels)
+        # One leaf for the whole batch (concatenated in NumPy): each device's gradient is then a
+        # slice of its gradient, the same numbers torch.cat of per-device leaves would give.
+        x = (
+            items[0].activation
+            if len(items) == 1
+            else np.concatenate([it.activation for it in items])
+        )
+        act = torch.from_numpy(x).requires_grad_(True)
+        labels = torch.from_numpy(y.astype(np.int64))
+        loss = torch.nn.functional.cross_entropy(module(act), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total = len(labels)
-        grads = [
-            a.grad.numpy() if len(items) == 1 else a.grad.numpy() * (total / len(a)) for a in acts
-        ]
+        g = act.grad.numpy()
+        if len(items) == 1:
+            grads = [g]
+        else:
+            grads, start = [], 0
+            for it in items:
+                n = len(it.activation)
+                grads.append(g[start : start + n] * (total / n))
+                start += n
         self.stats.add(samples=total, devices=len(items), seconds=time.perf_counter() - t0)
         return grads
 

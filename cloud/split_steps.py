@@ -62,8 +62,10 @@ def grad_scale(grad: np.ndarray, codec: str) -> float:
     """A power of two lifting fp16 gradients out of the subnormal range (as in mixed-precision
     loss scaling): gradients at the cut are ~1e-4, where fp16 keeps only a few bits. Powers of
     two scale exactly; other codecs (float32; int8 with its own scales) get 1."""
+    if codec != "fp16":
+        return 1.0
     peak = float(np.abs(grad).max(initial=0.0))
-    if codec != "fp16" or not 0 < peak < math.inf:
+    if not 0 < peak < math.inf:
         return 1.0
     return float(2.0 ** min(40, max(-40, math.floor(math.log2(2.0**14 / peak)))))
 

@@ -244,6 +244,11 @@ class _Stream:
         self.last = now
 
 
+def _name(sender: str, stream_id: int) -> str:
+    """How errors name a stream (formatted only when one is raised)."""
+    return f"stream 0x{stream_id:016x} from {sender}"
+
+
 class Reassembler:
     """Receiver side of chunked transfers: dedup, ordering, memory caps, timeouts, checksum.
 
@@ -316,27 +321,32 @@ class Reassembler:
         if f.kind != Kind.DATA:
             raise ChunkError(f"Reassembler.feed takes DATA frames, got {f.kind.name}")
         key = (sender, f.stream_id)
-        name = f"stream 0x{f.stream_id:016x} from {sender}"
         st = self._open.get(key)
         if st is None:
             if key in self._closed:
                 if self._closed[key] < 0:
-                    raise ChunkError(f"{name}: already expired or aborted; resend as a new stream")
+                    raise ChunkError(
+                        f"{_name(sender, f.stream_id)}: already expired or aborted; "
+                        "resend as a new stream"
+                    )
                 return None
             if f.total_len > self.max_bytes:
                 self._close(key, -1)
                 raise ChunkError(
-                    f"{name}: total_len must be <= max_bytes={self.max_bytes}, got {f.total_len}"
+                    f"{_name(sender, f.stream_id)}: total_len must be <= "
+                    f"max_bytes={self.max_bytes}, got {f.total_len}"
                 )
             if len(self._open) >= self.max_streams:
                 raise ChunkError(
-                    f"{name}: open streams must be <= max_streams={self.max_streams}; "
+                    f"{_name(sender, f.stream_id)}: open streams must be <= "
+                    f"max_streams={self.max_streams}; "
                     "frame dropped, the sender will retransmit"
                 )
             st = self._open[key] = _Stream(f, now)
         elif (f.total, f.total_len, f.crc) != (st.total, st.total_len, st.crc):
             raise ChunkError(
-                f"{name}: frame header (total={f.total}, total_len={f.total_len}, "
+                f"{_name(sender, f.stream_id)}: frame header (total={f.total}, "
+                f"total_len={f.total_len}, "
                 f"crc=0x{f.crc:08x}) disagrees with the stream's first frame"
             )
         st.last = now
@@ -353,7 +363,8 @@ class Reassembler:
         if crc != st.crc:
             self._close(key, -1)
             raise ChunkError(
-                f"{name}: checksum mismatch (crc32 0x{crc:08x}, header says 0x{st.crc:08x}); "
+                f"{_name(sender, f.stream_id)}: checksum mismatch (crc32 0x{crc:08x}, "
+                f"header says 0x{st.crc:08x}); "
                 "the stream was dropped, resend it"
             )
         self._close(key, st.total)

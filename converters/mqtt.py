@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # MQTT fixed header (<=5) + topic length (2) + packet id (2) + v5 property length (<=4) + slack.
 _PUBLISH_OVERHEAD = 16
+# Topics whose handlers (and chunk limits) are remembered; past this the memo starts over.
+_MEMO_TOPICS = 4096
 
 Handler = Callable[[str, str, bytearray], None]
 
@@ -96,6 +98,11 @@ class MqttEndpoint:
         self._lock = threading.RLock()
         self._subs: dict[str, list[Handler]] = {}
         self._ack_filters: set[str] = set()
+        # topic -> its handlers, so a message does not match every filter again (paho's
+        # topic_matches_sub builds a matcher per call); cleared whenever subscriptions change.
+        self._routes: dict[str, list[Handler]] = {}
+        self._covered: set[str] = set()  # ack topics some subscription already matches
+        self._limits: dict[tuple[str, str, int | None], int] = {}  # chunk_limit memo
         self._outgoing: dict[int, _Outgoing] = {}
         self._suback: dict[int, threading.Event] = {}
         self._early_suback: set[int] = set()
@@ -314,12 +321,18 @@ class MqttEndpoint:
         with self._lock:
             new = topic_filter not in self._subs and topic_filter not in self._ack_filters
             self._subs.setdefault(topic_filter, []).append(handler)
+            self._routes.clear()
         if new:
             self._subscribe_now(topic_filter, timeout)
 
     def _ensure_ack_subscription(self, topic: str) -> None:
         with self._lock:
+            if topic in self._covered:
+                return
             if any(_filter_matches(f, topic) for f in [*self._subs, *self._ack_filters]):
+                if len(self._covered) >= _MEMO_TOPICS:
+                    self._covered.clear()
+                self._covered.add(topic)  # filters are only ever added, so it stays covered
                 return
             self._ack_filters.add(topic)
         self._subscribe_now(topic, self.config.ack_timeout)
@@ -361,9 +374,14 @@ class MqttEndpoint:
     def _on_data(self, topic: str, f: Frame) -> None:
         sender = f.sender or topic.rsplit("/", 1)[-1]
         with self._lock:
-            handlers = [
-                h for flt, hs in self._subs.items() if _filter_matches(flt, topic) for h in hs
-            ]
+            handlers = self._routes.get(topic)
+            if handlers is None:
+                handlers = [
+                    h for flt, hs in self._subs.items() if _filter_matches(flt, topic) for h in hs
+                ]
+                if len(self._routes) >= _MEMO_TOPICS:
+                    self._routes.clear()
+                self._routes[topic] = handlers
         if not handlers:
             # Not acked, so the sender fails loudly instead of "delivering" to nobody (e.g. data
             # on a topic this endpoint only subscribed to for acks).
@@ -446,6 +464,10 @@ class MqttEndpoint:
 
         paho ignores the broker's limit and Mosquitto disconnects clients that exceed it.
         """
+        key = (topic, reply_to, self.max_packet)
+        limit = self._limits.get(key)
+        if limit is not None:
+            return limit
         limit = self.config.max_chunk
         if self.max_packet:
             overhead = (
@@ -459,6 +481,9 @@ class MqttEndpoint:
                 f"broker maximum packet size {self.max_packet} leaves no room "
                 f"for a chunk on {topic!r}"
             )
+        if len(self._limits) >= _MEMO_TOPICS:
+            self._limits.clear()
+        self._limits[key] = limit
         return limit
 
     def _encode_small(self, payload: bytes, topic: str = "") -> bytes:

@@ -37,6 +37,7 @@ _KIND_NDIM = struct.Struct("<BB")
 _U64 = struct.Struct("<Q")
 _AXIS = struct.Struct("<b")
 MAX_NDIM = 32
+_DIMS = [struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1)]  # dims u32[ndim], by ndim
 MAX_NAME_BYTES = 1024
 
 # Raw kinds 16-24: integer/bool tensors stored as-is. Float kinds 1-3 are the codecs below.
@@ -61,6 +62,7 @@ CODECS: dict[str, _Codec] = {
     "int8": _Codec("int8", 3, "<i1"),
 }
 _CODEC_BY_KIND = {c.kind: c for c in CODECS.values()}
+_WIRE_DTYPE = {c.kind: np.dtype(c.wire_dtype) for c in CODECS.values()}
 _FP16_MAX = float(np.finfo(np.float16).max)
 _FP32_MAX = float(np.finfo(np.float32).max)
 
@@ -152,7 +154,8 @@ def _encode_one(name: str, arr, codec: _Codec, per_channel_axis: int | None) -> 
         # NaN/Inf travel as such in float32/fp16; decode rejects them unless allowed. Finite
         # values that would overflow to inf are refused here instead of corrupting silently.
         limit = _FP16_MAX if codec.kind == 2 else _FP32_MAX
-        if a.dtype.itemsize > 2 and a.size:
+        # A finite float32 never exceeds the float32 range: only fp16 needs the scan then.
+        if a.dtype.itemsize > 2 and a.size and (codec.kind == 2 or a.dtype.itemsize > 4):
             over = int(np.count_nonzero(np.abs(a[np.isfinite(a)]) > limit))
             if over:
                 raise CodecError(
@@ -160,9 +163,9 @@ def _encode_one(name: str, arr, codec: _Codec, per_channel_axis: int | None) -> 
                     f"(|x| <= {limit:.6g}); use a wider codec"
                 )
         if codec.kind == 1:
-            data = a.astype("<f4").tobytes()
+            data = a.astype("<f4", copy=False).tobytes()
         elif codec.kind == 2:
-            data = a.astype("<f2").tobytes()
+            data = a.astype("<f2", copy=False).tobytes()
         else:
             bad = int(a.size - np.count_nonzero(np.isfinite(a)))
             if bad:
@@ -184,12 +187,12 @@ def _encode_one(name: str, arr, codec: _Codec, per_channel_axis: int | None) -> 
         kind = codec.kind
     elif a.dtype.kind in "iub":
         kind = _KIND_OF_RAW[(a.dtype.kind, a.dtype.itemsize)]
-        data = a.astype(_RAW_KINDS[kind]).tobytes()
+        data = a.astype(_RAW_KINDS[kind], copy=False).tobytes()
     else:
         raise CodecError(
             f"tensor {name!r}: dtype {a.dtype} not supported; use float, integer or bool"
         )
-    dims = struct.pack(f"<{a.ndim}I", *a.shape)
+    dims = _DIMS[a.ndim].pack(*a.shape)
     return b"".join(
         (
             _NAME_LEN.pack(len(name_b)),
@@ -242,31 +245,17 @@ def encode_tensors(
     return _BLOB.pack(MAGIC, CODEC_VERSION, code, len(tensors), len(payload)) + body
 
 
-class _Reader:
-    """Bounds-checked cursor: every read past the end is a CodecError, never an IndexError."""
-
-    def __init__(self, buf: bytes) -> None:
-        self.buf = buf
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> bytes:
-        if n > len(self.buf) - self.pos:
-            raise CodecError(
-                f"{what} needs {n} bytes at offset {self.pos}, only {len(self.buf) - self.pos} left"
-            )
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, st: struct.Struct, what: str) -> tuple:
-        return st.unpack(self.take(st.size, what))
+def _short(n: int, pos: int, end: int, what: str, *args) -> None:
+    """Raises for a read past the end (``what.format(*args)`` is only built then: a decode
+    reads six fields per tensor)."""
+    raise CodecError(f"{what.format(*args)} needs {n} bytes at offset {pos}, only {end - pos} left")
 
 
-def _read_blob_header(data) -> tuple[int, int, int, bytes]:
-    """Check magic and version; return (compression code, count, payload_len, rest)."""
+def _read_blob_header(data) -> tuple[int, int, int, memoryview]:
+    """Check magic and version; return (compression code, count, payload_len, rest as a view)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"tensor blob must be bytes, got {type(data).__name__}")
-    data = bytes(data)
+    data = bytes(data)  # no copy for bytes; a caller's mutable buffer is copied once
     if len(data) < _BLOB.size:
         raise CodecError(f"tensor blob must be at least {_BLOB.size} bytes, got {len(data)}")
     magic, version, comp, count, payload_len = _BLOB.unpack_from(data)
@@ -276,7 +265,7 @@ def _read_blob_header(data) -> tuple[int, int, int, bytes]:
         raise CodecError(
             f"tensor codec version {version} not supported; this build speaks {CODEC_VERSION}"
         )
-    return comp, count, payload_len, data[_BLOB.size :]
+    return comp, count, payload_len, memoryview(data)[_BLOB.size :]
 
 
 def decode_tensors(
@@ -326,25 +315,42 @@ def decode_tensors(
             f"payload_len must match the payload, header says {payload_len}, got {len(payload)}"
         )
 
-    r = _Reader(payload)
+    # Bounds-checked reads straight from a view of the payload (every read past the end is a
+    # CodecError, never an IndexError); array data is copied once, by _to_array.
+    buf = memoryview(payload)
+    end = len(buf)
+    pos = 0
     out: dict[str, np.ndarray] = {}
     total = 0
     for i in range(count):
-        (name_len,) = r.unpack(_NAME_LEN, f"record {i} name length")
+        if end - pos < 2:
+            _short(2, pos, end, "record {} name length", i)
+        (name_len,) = _NAME_LEN.unpack_from(buf, pos)
+        pos += 2
         if not 1 <= name_len <= MAX_NAME_BYTES:
             raise CodecError(
                 f"record {i}: name length must be in [1, {MAX_NAME_BYTES}], got {name_len}"
             )
+        if end - pos < name_len:
+            _short(name_len, pos, end, "record {} name", i)
         try:
-            name = r.take(name_len, f"record {i} name").decode("utf-8")
+            name = str(buf[pos : pos + name_len], "utf-8")
         except UnicodeDecodeError:
             raise CodecError(f"record {i}: name must be UTF-8") from None
+        pos += name_len
         if name in out:
             raise CodecError(f"tensor {name!r} appears twice")
-        kind, ndim = r.unpack(_KIND_NDIM, f"tensor {name!r} kind")
+        if end - pos < 2:
+            _short(2, pos, end, "tensor {!r} kind", name)
+        kind, ndim = _KIND_NDIM.unpack_from(buf, pos)
+        pos += 2
         if ndim > MAX_NDIM:
             raise CodecError(f"tensor {name!r}: ndim must be <= {MAX_NDIM}, got {ndim}")
-        shape = struct.unpack(f"<{ndim}I", r.take(4 * ndim, f"tensor {name!r} dims"))
+        dims = _DIMS[ndim]
+        if end - pos < dims.size:
+            _short(dims.size, pos, end, "tensor {!r} dims", name)
+        shape = dims.unpack_from(buf, pos)
+        pos += dims.size
         size = 1
         for d in shape:
             size *= d  # Python ints: no overflow however large the dims claim to be
@@ -354,10 +360,13 @@ def decode_tensors(
                 f"tensor {name!r}: total elements must be <= max_elements={max_elements}, "
                 f"got {total}"
             )
-        (data_len,) = r.unpack(_U64, f"tensor {name!r} data length")
+        if end - pos < 8:
+            _short(8, pos, end, "tensor {!r} data length", name)
+        (data_len,) = _U64.unpack_from(buf, pos)
+        pos += 8
         if kind in _CODEC_BY_KIND:
             codec = _CODEC_BY_KIND[kind]
-            wire_dtype = np.dtype(codec.wire_dtype)
+            wire_dtype = _WIRE_DTYPE[kind]
         elif kind in _RAW_KINDS:
             codec = None
             wire_dtype = _RAW_KINDS[kind]
@@ -371,16 +380,25 @@ def decode_tensors(
         scales = None
         axis = -1
         if codec is not None and codec.name == "int8":
-            (axis,) = r.unpack(_AXIS, f"tensor {name!r} int8 axis")
+            if end - pos < 1:
+                _short(1, pos, end, "tensor {!r} int8 axis", name)
+            (axis,) = _AXIS.unpack_from(buf, pos)
+            pos += 1
             if not (axis == -1 or 0 <= axis < ndim):
                 raise CodecError(
                     f"tensor {name!r}: int8 axis must be -1 or in [0, {ndim}), got {axis}"
                 )
-            n_scales = 1 if axis == -1 else shape[axis]
-            scales = np.frombuffer(r.take(4 * n_scales, f"tensor {name!r} scales"), "<f4")
+            n = 4 * (1 if axis == -1 else shape[axis])
+            if end - pos < n:
+                _short(n, pos, end, "tensor {!r} scales", name)
+            scales = np.frombuffer(buf[pos : pos + n], "<f4")
+            pos += n
             if not (np.isfinite(scales).all() and (scales >= 0).all()):
                 raise CodecError(f"tensor {name!r}: int8 scales must be finite and >= 0")
-        raw = np.frombuffer(r.take(data_len, f"tensor {name!r} data"), wire_dtype)
+        if end - pos < data_len:
+            _short(data_len, pos, end, "tensor {!r} data", name)
+        raw = np.frombuffer(buf[pos : pos + data_len], wire_dtype)
+        pos += data_len
         arr = _to_array(name, raw, codec, shape, scales, axis)
         if codec is not None and not allow_nonfinite:
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
@@ -390,8 +408,8 @@ def decode_tensors(
                     f"pass allow_nonfinite=True to accept them"
                 )
         out[name] = arr
-    if r.pos != len(payload):
-        raise CodecError(f"payload has {len(payload) - r.pos} trailing bytes after {count} tensors")
+    if pos != end:
+        raise CodecError(f"payload has {end - pos} trailing bytes after {count} tensors")
     if expect is not None:
         _check_expect(out, expect)
     return out
@@ -421,6 +439,11 @@ def _to_array(name, raw, codec, shape, scales, axis) -> np.ndarray:
 
 
 def _check_expect(out: dict[str, np.ndarray], expect) -> None:
+    if len(out) == len(expect) and all(
+        name in out and out[name].shape == tuple(shape) and out[name].dtype == dtype
+        for name, (shape, dtype) in expect.items()
+    ):
+        return  # the common case, checked without building the report
     problems = []
     missing = [k for k in expect if k not in out]
     extra = [k for k in out if k not in expect]

@@ -23,6 +23,7 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 _HEADER = struct.Struct("<2sBBBBBBqQII")
 HEADER_SIZE = _HEADER.size  # 32
 TRAILER_SIZE = 4  # CRC-32 of everything before it
+_CRC = struct.Struct("<I")
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -79,17 +80,21 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+# One encoder for every message: json.dumps with these options would build a new one per call.
+_META_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), allow_nan=False, ensure_ascii=False, default=_json_default
+)
+
+
 def _meta_bytes(meta: dict) -> bytes:
     """Strict JSON (no NaN/Infinity, so any JSON parser can read it), size-capped."""
     if not isinstance(meta, dict):
         raise WireError(f"meta must be a dict, got {type(meta).__name__}")
-    bad = [k for k in meta if not isinstance(k, str)]
-    if bad:
-        raise WireError(f"meta keys must be str, got {bad[0]!r}")
+    for k in meta:
+        if not isinstance(k, str):
+            raise WireError(f"meta keys must be str, got {k!r}")
     try:
-        text = json.dumps(
-            meta, separators=(",", ":"), allow_nan=False, ensure_ascii=False, default=_json_default
-        )
+        text = _META_ENCODER.encode(meta)
         # Lone surrogates survive json.dumps but are not UTF-8; reject them here.
         data = text.encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
@@ -132,10 +137,11 @@ class Envelope:
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "type", MsgType(self.type))
-        except ValueError:
-            raise WireError(f"type {self.type!r} unknown; known: {_known_types()}") from None
+        if type(self.type) is not MsgType:
+            try:
+                object.__setattr__(self, "type", MsgType(self.type))
+            except ValueError:
+                raise WireError(f"type {self.type!r} unknown; known: {_known_types()}") from None
         if self.schema != SCHEMA_VERSION:
             raise WireError(
                 f"schema_version {self.schema!r} not supported; this build speaks {SCHEMA_VERSION}"
@@ -149,15 +155,32 @@ class Envelope:
             raise WireError(f"round must be an int in [0, 2**63), got {self.round!r}")
         if not _is_int(self.seq) or not 0 <= self.seq < 2**64:
             raise WireError(f"seq must be an int in [0, 2**64), got {self.seq!r}")
-        for name, limit in (("nonce", MAX_NONCE_BYTES), ("body", MAX_BODY_BYTES)):
-            value = getattr(self, name)
-            if not isinstance(value, (bytes, bytearray, memoryview)):
-                raise WireError(f"{name} must be bytes, got {type(value).__name__}")
-            value = bytes(value)
+        for name, value, limit in (
+            ("nonce", self.nonce, MAX_NONCE_BYTES),
+            ("body", self.body, MAX_BODY_BYTES),
+        ):
+            if type(value) is not bytes:
+                if not isinstance(value, (bytes, bytearray, memoryview)):
+                    raise WireError(f"{name} must be bytes, got {type(value).__name__}")
+                value = bytes(value)
+                object.__setattr__(self, name, value)
             if len(value) > limit:
                 raise WireError(f"{name} must be <= {limit} bytes, got {len(value)}")
-            object.__setattr__(self, name, value)
         _meta_bytes(self.meta)
+
+    @classmethod
+    def _parsed(cls, msg_type, run_id, round_, sender, seq, nonce, meta, body) -> Envelope:
+        """An envelope whose fields :func:`decode` has already checked one by one: only meta,
+        parsed from JSON, still goes through :func:`_meta_bytes` (an overflowing number such as
+        1e400 or a lone surrogate escape parses but is not strict JSON)."""
+        _meta_bytes(meta)
+        env = object.__new__(cls)
+        # Frozen blocks attribute assignment, not the instance dict: one update sets them all.
+        env.__dict__.update(
+            type=msg_type, run_id=run_id, round=round_, sender=sender, seq=seq, nonce=nonce,
+            meta=meta, body=body, schema=SCHEMA_VERSION,
+        )  # fmt: skip
+        return env
 
     def __repr__(self) -> str:
         # The body can be megabytes; logs and test failures only need its size.
@@ -235,8 +258,11 @@ def encode(env: Envelope) -> bytes:
         len(meta),
         len(env.body),
     )
-    out = b"".join((header, run_id, sender, env.nonce, meta, env.body))
-    return out + struct.pack("<I", zlib.crc32(out))
+    parts = (header, run_id, sender, env.nonce, meta, env.body)
+    crc = 0
+    for part in parts:  # the CRC runs over the parts so the body is copied once, by the join
+        crc = zlib.crc32(part, crc)
+    return b"".join((*parts, _CRC.pack(crc)))
 
 
 def _reject_constant(name: str):
@@ -244,21 +270,26 @@ def _reject_constant(name: str):
 
 
 def _no_duplicates(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # rare: find the first repeated key for the message
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                raise ValueError(f"duplicate key {key!r}")
+            obj[key] = value
     return obj
+
+
+# One decoder for every message, as _META_ENCODER (json.loads with options builds one per call).
+_META_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
 
 
 def _parse_meta(raw: bytes) -> dict:
     try:
-        meta = json.loads(
-            raw.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
+        text = raw.decode("utf-8")
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        meta = _META_DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError, UnicodeDecodeError and int-digit limits;
         # RecursionError comes from deeply nested arrays an attacker can fit in 64 KiB.
@@ -319,9 +350,9 @@ def decode(
     (_, _, type_code, flags, run_len, sender_len, nonce_len, rnd, seq, meta_len, body_len) = (
         _HEADER.unpack_from(data)
     )
-    if type_code not in MsgType._value2member_map_:
+    msg_type = MsgType._value2member_map_.get(type_code)
+    if msg_type is None:
         raise WireError(f"type {type_code} unknown; known: {_known_types()}")
-    msg_type = MsgType(type_code)
     if flags != 0:
         raise WireError(f"flags must be 0 in schema {SCHEMA_VERSION}, got {flags:#04x}")
     if run_len > 64:
@@ -338,7 +369,7 @@ def decode(
             f"length fields must add up to the message size; header says {expected} bytes "
             f"(meta {meta_len}, body {body_len}), got {n}"
         )
-    (crc,) = struct.unpack_from("<I", data, n - TRAILER_SIZE)
+    (crc,) = _CRC.unpack_from(data, n - TRAILER_SIZE)
     actual = zlib.crc32(memoryview(data)[: n - TRAILER_SIZE])
     if crc != actual:
         raise WireError(f"crc32 must match the content, got {crc:#010x} for {actual:#010x}")
@@ -365,13 +396,5 @@ def decode(
     if sender is not None and msg_sender != sender:
         raise WireError(f"sender must be {sender!r} (from the topic), got {msg_sender!r}")
     meta = _parse_meta(meta_raw)
-    return Envelope(
-        type=msg_type,
-        run_id=msg_run,
-        round=rnd,
-        sender=msg_sender,
-        seq=seq,
-        nonce=nonce,
-        meta=meta,
-        body=body,
-    )
+    # Every field but meta was checked above, as strictly as Envelope.__post_init__ would.
+    return Envelope._parsed(msg_type, msg_run, rnd, msg_sender, seq, nonce, meta, body)
