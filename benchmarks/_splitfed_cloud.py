@@ -99,10 +99,17 @@ def run_once(
     from cloud.broker import MosquittoBroker
     from cloud.config import FederatedConfig
     from cloud.split_trainer import SplitTrainer
-    from converters.datasets import load_dataset, train_test_split
+    from converters.datasets import load_dataset, synthetic, train_test_split
     from converters.mqtt import MqttConfig
+    from split.zoo import build_model
 
-    _, test = train_test_split(load_dataset("digits"), test_fraction=0.2, seed=0)
+    spec = build_model(model, seed=0)[1]
+    data = (
+        load_dataset("digits")
+        if tuple(spec.input_shape) == (1, 8, 8)
+        else synthetic(n=512, shape=tuple(spec.input_shape), num_classes=spec.num_classes, seed=0)
+    )  # the same choice as the load generator's
+    _, test = train_test_split(data, test_fraction=0.2, seed=0)
     broker = MosquittoBroker(extra_conf="max_connections -1\n").start()
     procs, workers = [], []
     try:

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from converters.datasets import load_dataset
+    from converters.datasets import load_dataset, synthetic
     from converters.mqtt import MqttConfig
     from edge.split_client import SplitClientOptions
     from split.graph import split_model
@@ -103,7 +103,13 @@ def main(argv=None) -> int:
 
     model, spec = build_model(args.model, seed=0)
     sm = split_model(model, cut=spec.default_cut, example_input=torch.zeros(2, *spec.input_shape))
-    data = load_dataset("digits")
+    # Digits for the digits models; a synthetic set of the model's input shape otherwise (no
+    # data is fetched at run time).
+    data = (
+        load_dataset("digits")
+        if tuple(spec.input_shape) == (1, 8, 8)
+        else synthetic(n=512, shape=tuple(spec.input_shape), num_classes=spec.num_classes, seed=0)
+    )
     with torch.no_grad():
         acts = sm.edge(torch.as_tensor(data.x[:512], dtype=torch.float32)).numpy()
     labels = data.y[:512]
