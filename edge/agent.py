@@ -115,6 +115,8 @@ class DeviceAgent(DeviceLink):
 
         state = self.options.state_dir
         # Per run: a run's epsilon accounts that run's releases of this device's data.
+        if state is not None and self._run_id in (".", ".."):  # allowed ids, escaping folders
+            raise ValueError(f"run_id must name a folder, got {self._run_id!r}")
         ledger = None if state is None else f"{state}/{self._run_id}/{self.id}.dp-ledger.json"
         return LocalTrainer(
             model_ref=model_ref,

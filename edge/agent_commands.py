@@ -35,7 +35,7 @@ def register_agent_commands(subparsers) -> None:
         "--state-dir",
         default=str(Path.home() / ".edgesplit" / "state"),
         help="where the device keeps state that must survive restarts (its DP-SGD privacy "
-        "ledger); default ~/.edgesplit/state",
+        "ledger; in split runs also its randomized labels); default ~/.edgesplit/state",
     )
     p.add_argument("--once", action="store_true", help="exit when the run finishes")
     p.set_defaults(func=run_edge)
@@ -57,7 +57,9 @@ def run_edge(args: argparse.Namespace) -> int:
         from edge.split_client import SplitClient, SplitClientOptions
 
         agent = SplitClient(
-            options=SplitClientOptions(device_id=args.device_id, prefix=args.prefix),
+            options=SplitClientOptions(
+                device_id=args.device_id, prefix=args.prefix, state_dir=args.state_dir
+            ),
             mqtt=mqtt,
             x=data.x,
             y=data.y,

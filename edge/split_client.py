@@ -14,14 +14,17 @@ is encoded (:mod:`split.privacy.activation_noise`) and the device reports its pe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import queue
 import secrets
 import time
 import zlib
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -98,6 +101,8 @@ class SplitClientOptions:
         max_message_bytes: larger downlink messages are rejected before parsing.
         vanish_prob: simulation only; chance per round that the device crashes mid-epoch.
         seed: seeds the simulated crashes.
+        state_dir: where sample-level DP state survives a restart (per run: the ledger and the
+            randomized labels, which must not be drawn again); None keeps it in memory only.
     """
 
     device_id: str
@@ -108,6 +113,7 @@ class SplitClientOptions:
     max_message_bytes: int = 256 * 2**20
     vanish_prob: float = 0.0
     seed: int = 0
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -440,6 +446,7 @@ class SplitClient(DeviceLink):
                 ledger.step(noise_multiplier=sigma, sample_rate=1.0)
             if dp is not None:  # each epoch puts every sample in exactly one step
                 dp.begin_epoch()
+                self._save_dp(env.run_id)
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
                 step += 1
@@ -519,7 +526,11 @@ class SplitClient(DeviceLink):
             self._close_dp()
             try:
                 self._dp = SplitDPTrainer(sm.edge, sm.head, settings, num_samples=len(self.y))
-            except PrivacyConfigError as exc:
+                path = self._dp_state_path(run_id)
+                if path is not None and path.exists():  # a restart goes on with the same ledger
+                    self._dp.load_state_dict(json.loads(path.read_text()))
+            except (PrivacyConfigError, ValueError) as exc:
+                self._close_dp()
                 raise SplitProtocolError(f"MODEL meta.config.dp: {exc}") from None
             self._dp_key = key
         try:
@@ -527,7 +538,26 @@ class SplitClient(DeviceLink):
                 self._dp.released_labels(self.y)  # checks the labels before any step
         except PrivacyConfigError as exc:
             raise SplitProtocolError(f"MODEL meta.config.dp: {exc}") from None
+        self._save_dp(run_id)
         return self._dp
+
+    def _dp_state_path(self, run_id: str) -> Path | None:
+        state = self.options.state_dir
+        if state is None:
+            return None
+        if run_id in (".", ".."):  # the run id pattern allows them; as a folder they escape
+            raise SplitProtocolError(f"run_id must name a folder, got {run_id!r}")
+        return Path(state) / run_id / f"{self.id}.split-dp.json"
+
+    def _save_dp(self, run_id: str) -> None:
+        """Writes the DP state atomically (before the epoch it counts releases anything)."""
+        path = self._dp_state_path(run_id)
+        if path is None or self._dp is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self._dp.state_dict()))
+        os.replace(tmp, path)
 
     def _close_dp(self) -> None:
         if self._dp is not None:

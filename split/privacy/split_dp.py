@@ -382,6 +382,36 @@ class SplitDPTrainer:
         labels = self.dp.label_epsilon if self.dp.label_epsilon and self.releases else 0.0
         return self.ledger.epsilon() + labels
 
+    def state_dict(self) -> dict:
+        """JSON-able state that must survive a device restart: the settings, the ledger and
+        the randomized labels (drawing them again would spend ``label_epsilon`` again)."""
+        labels = None if self._labels is None else [int(v) for v in self._labels]
+        return {"dp": self.dp.to_meta(), "ledger": self.ledger.state_dict(), "labels": labels}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` of the same run.
+
+        Raises:
+            PrivacyConfigError: The state is malformed or was saved under other settings.
+        """
+        if not isinstance(state, dict) or set(state) != {"dp", "ledger", "labels"}:
+            raise PrivacyConfigError("split DP state must have the keys dp, ledger, labels")
+        if SplitDP.from_meta(state["dp"]) != self.dp:
+            raise PrivacyConfigError(
+                f"split DP state was saved under other settings {state['dp']}, not "
+                f"{self.dp.to_meta()}"
+            )
+        labels = state["labels"]
+        if labels is not None:
+            arr = np.asarray(labels, dtype=np.int64)
+            k = self.dp.num_classes
+            if arr.ndim != 1 or k is None or (arr.size and (arr.min() < 0 or arr.max() >= k)):
+                raise PrivacyConfigError(
+                    f"split DP state: labels must be a list of ints in [0, {k})"
+                )
+            self._labels = arr
+        self.ledger.load_state_dict(state["ledger"])
+
     @property
     def releases(self) -> int:
         return self.ledger.steps

@@ -105,3 +105,44 @@ def test_devices_of_one_process_build_their_halves_concurrently():
     finally:
         for c in clients:
             c.endpoint.close()
+
+
+def test_split_dp_state_survives_a_device_restart(tmp_path):
+    """Randomized labels and the ledger come back from the state folder: drawing the labels
+    again would spend label_epsilon twice, restarting the ledger would under-report."""
+    from split.graph import split_template
+    from split.privacy.split_dp import SplitDP
+
+    dp = SplitDP(act_clip=1.0, act_sigma=2.0, param_clip=1.0, param_sigma=2.0, delta=1e-5,
+                 label_epsilon=1.0, num_classes=10)  # fmt: skip
+    cfg = {"dp": dp.to_meta()}
+    y = np.arange(2000) % 10
+
+    def device():
+        return SplitClient(
+            options=SplitClientOptions(device_id="pi-01", prefix="t", state_dir=str(tmp_path)),
+            mqtt=MqttConfig(client_id="pi-01", port=1),  # never connected
+            x=np.zeros((2000, 1, 8, 8), np.float32),
+            y=y,
+        )
+
+    first = device()
+    trainer = first._setup_dp("run-1", cfg, "vanilla", split_template("digits-mlp-tanh", "act1"))
+    labels = trainer.released_labels(y).copy()
+    assert (labels != y).any()
+    for _ in range(3):
+        trainer.begin_epoch()
+        first._save_dp("run-1")
+    eps = trainer.epsilon()
+
+    again = device()  # a new process: fresh generators, same state folder
+    back = again._setup_dp("run-1", cfg, "vanilla", split_template("digits-mlp-tanh", "act1"))
+    np.testing.assert_array_equal(back.released_labels(y), labels)
+    assert back.releases == 3 and back.epsilon() == eps
+    other = again._setup_dp("run-2", cfg, "vanilla", split_template("digits-mlp-tanh", "act1"))
+    assert other.releases == 0  # a ledger per run
+    with pytest.raises(Exception, match="run_id must name a folder"):
+        again._dp_state_path("..")
+    wrong = {"dp": {**dp.to_meta(), "act_sigma": 3.0}}
+    with pytest.raises(Exception, match="saved under other settings"):
+        device()._setup_dp("run-1", wrong, "vanilla", split_template("digits-mlp-tanh", "act1"))
