@@ -1,5 +1,8 @@
 """Differential-privacy overhead: DP-SGD step vs plain SGD step, and accountant time per round.
 
+Also a U-shaped split step's device work with sample-level DP (split/privacy/split_dp.py)
+against the same step without it.
+
 Usage::
 
     python benchmarks/dp_overhead.py [--threads 1] [--smoke] [--out results.json]
@@ -142,6 +145,76 @@ def step_overhead(name: str, *, n: int, batch: int, repeats: int, inner: int) ->
     }
 
 
+def split_step_overhead(*, batch: int, repeats: int, inner: int) -> dict:
+    """A U-shaped device's share of one split step (digits-mlp-tanh), plain vs sample-level DP.
+
+    Device work only: edge forward, (DP: activation clip + noise), head forward/backward, (DP:
+    loss-gradient clip + noise), edge backward, optimizer step (DP: Opacus per-sample clip +
+    noise over both halves). The cloud's middle runs in between, outside the timer, on the
+    same tensors in both variants.
+    """
+    from split.graph import split_template
+    from split.privacy.split_dp import SplitDP, SplitDPTrainer
+
+    rng = np.random.default_rng(0)
+    xb = torch.as_tensor(rng.uniform(size=(batch, 1, 8, 8)).astype(np.float32))
+    yb = torch.as_tensor(rng.integers(0, 10, size=batch))
+    dp = SplitDP(act_clip=1.0, act_sigma=2.0, grad_clip=1.0, grad_sigma=2.0, param_clip=1.0,
+                 param_sigma=2.0, delta=DELTA)  # fmt: skip
+
+    def make(private: bool):
+        torch.manual_seed(0)
+        sm = split_template("digits-mlp-tanh", "act1", "act2")
+        if private:
+            trainer = SplitDPTrainer(sm.edge, sm.head, dp, num_samples=1400, seed=0)
+            opt = trainer.optimizer(lr=0.05, momentum=0.0, batch_size=batch)
+        else:
+            trainer = None
+            opt = torch.optim.SGD([*sm.edge.parameters(), *sm.head.parameters()], lr=0.05)
+        spent = [0.0]
+
+        def step():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            x = xb.detach().requires_grad_(True) if trainer else xb
+            act = sm.edge(x)
+            sent = trainer.noise_activation(act) if trainer else act
+            a = sent.detach().requires_grad_(True)
+            t1 = time.perf_counter()
+            mid = sm.cloud(a)  # the cloud's part, not timed
+            m = mid.detach().requires_grad_(True)
+            t2 = time.perf_counter()
+            nn.functional.cross_entropy(sm.head(m), yb).backward()
+            g = trainer.noise_loss_gradient(m.grad) if trainer else m.grad
+            t3 = time.perf_counter()
+            mid.backward(g)  # cloud
+            t4 = time.perf_counter()
+            sent.backward(a.grad)
+            opt.step()
+            spent[0] += (t1 - t0) + (t3 - t2) + (time.perf_counter() - t4)
+
+        return step, spent
+
+    out = {}
+    for name, private in (("plain", False), ("dp", True)):
+        step, spent = make(private)
+        step()  # warm-up
+        best = []
+        for _ in range(repeats):
+            spent[0] = 0.0
+            for _ in range(inner):
+                step()
+            best.append(spent[0] / inner)
+        out[name] = min(best)
+    return {
+        "model": "digits-mlp-tanh (U-shaped)",
+        "batch": batch,
+        "plain_device_ms": 1e3 * out["plain"],
+        "dp_device_ms": 1e3 * out["dp"],
+        "ratio": out["dp"] / out["plain"],
+    }
+
+
 def accountant_time(name: str, *, rounds: int, scenario: str) -> dict:
     if scenario == "user-level (q=0.01, 1 step/round)":
         q, steps = 0.01, 1
@@ -188,6 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['step_ratio']:6.2f} | {r['plain_round_ms']:9.1f}ms {r['dp_round_ms']:7.1f}ms "
             f"{r['round_ratio']:6.2f} {r['epsilon_ms']:7.1f}ms"
         )
+    split = split_step_overhead(batch=16, repeats=repeats, inner=inner)
+    print(
+        f"\nsplit step, device work only, {split['model']}, batch {split['batch']}: plain "
+        f"{split['plain_device_ms']:.3f} ms, sample-level DP {split['dp_device_ms']:.3f} ms "
+        f"({split['ratio']:.2f}x)"
+    )
     scenarios = ["user-level (q=0.01, 1 step/round)", "device (q=1/22, 22 steps/round)"]
     acc = [accountant_time(a, rounds=rounds, scenario=s) for s in scenarios for a in ("rdp", "prv")]
     print(f"\nAccountant time per round over {rounds} rounds (step + get_epsilon), delta={DELTA}")
@@ -197,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['scenario']:36} {r['accountant']:>4} {r['mean_ms_per_round']:8.1f} "
             f"{r['max_ms_per_round']:8.1f} {r['total_s']:8.2f} {r['final_epsilon']:7.3f}"
         )
-    results = {"threads": args.threads, "smoke": args.smoke, "steps": steps, "accountants": acc}
+    results = {"threads": args.threads, "smoke": args.smoke, "steps": steps, "split": split,
+               "accountants": acc}  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return results
