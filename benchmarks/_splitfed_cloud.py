@@ -92,7 +92,7 @@ def _start_step_workers(url: str, n: int) -> list[subprocess.Popen]:
 
 def run_once(
     *, model: str, devices: int, batched: bool, samples: int, batch_size: int, rounds: int,
-    device_procs: int, mqtt_kw: dict | None = None, step_workers: int = 0,
+    device_procs: int, mqtt_kw: dict | None = None, step_workers: int = 0, step_qos: int = 1,
 ) -> dict:  # fmt: skip
     """One SplitFed V2 run (V1 served by ``step_workers`` processes if > 0); cloud samples/s
     over rounds 2.. and cloud calls per round."""
@@ -119,6 +119,7 @@ def run_once(
                 local_epochs=1, batch_size=batch_size, lr=0.05, momentum=0.9,
                 mode="splitfed-v1" if step_workers else "splitfed-v2", out_dir=tmp,
                 round_timeout=300, register_timeout=120, split_workers=step_workers,
+                step_qos=step_qos,
             )  # fmt: skip
             workers = _start_step_workers(broker.url, step_workers)
             marks = []  # CPU seconds (cloud, devices, broker) after each round
@@ -184,6 +185,7 @@ def bench_splitfed(
     mqtt_kw: dict | None = None,
     levels: tuple[int, ...] | None = None,
     rounds: int | None = None,
+    step_qos: int = 1,
 ) -> dict:
     levels = levels or ((1, 10) if smoke else (1, 10, 50))
     rounds = rounds or (2 if smoke else 3)
@@ -194,7 +196,7 @@ def bench_splitfed(
             out[key] = run_once(
                 model=model, devices=n, batched=batched, samples=64 if smoke else 256,
                 batch_size=16, rounds=rounds, device_procs=min(device_procs, n),
-                mqtt_kw=mqtt_kw,
+                mqtt_kw=mqtt_kw, step_qos=step_qos,
             )  # fmt: skip
             print(f"  {key:<32} {out[key]['samples_per_s']:>8.0f} samples/s  "
                   f"{out[key]['cloud_calls_per_round']:>6.0f} cloud calls/round  "
@@ -233,6 +235,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="digits-cnn")
     ap.add_argument("--qos", type=int, default=1)
     ap.add_argument("--protocol", default="v5")
+    ap.add_argument("--step-qos", type=int, default=1, choices=(0, 1), help="step message QoS")
     ap.add_argument("--levels", help="device counts, e.g. 1,10,50 (default: 1,10,50; smoke 1,10)")
     ap.add_argument("--rounds", type=int, help="rounds per run; round 1 is not timed")
     ap.add_argument("--device-procs", type=int, default=2, help="load generator processes")
@@ -255,6 +258,7 @@ if __name__ == "__main__":
                     levels=levels,
                     rounds=a.rounds,
                     mqtt_kw={"qos": a.qos, "protocol": a.protocol},
+                    step_qos=a.step_qos,
                 )
             )
     if a.only != "splitfed":

@@ -86,6 +86,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="splitfed-v1: step workers serve the cloud half through the broker (simulate "
         "starts N; with cloud, start them with `edgesplit split-worker`)",
     )  # fmt: skip
+    p.add_argument(
+        "--step-qos", type=int, choices=[0, 1],
+        help="split modes: MQTT QoS of one-frame step messages (0: no PUBACKs; a lost step is "
+        "resent after step_resend seconds)",
+    )  # fmt: skip
     p.add_argument("--dp", choices=["none", "sample", "user"])
     p.add_argument(
         "--secure",

@@ -93,6 +93,11 @@ class FederatedConfig:
     # sharing the load through the broker; `simulate` starts this many, `cloud` expects them
     # to be started separately (`edgesplit split-worker`). 0 = served in the trainer's process.
     split_workers: int = 0
+    # MQTT QoS of single-frame split step messages and their replies. 0 saves the PUBACKs (two
+    # of the four packets per step): safe because the reply is the end-to-end ack, a device
+    # resends a step after step_resend seconds and repeats are answered from the reply cache;
+    # a lost step then costs step_resend seconds. 1 lets paho redeliver while connected.
+    step_qos: int = 1
 
     def __post_init__(self) -> None:
         _check(
@@ -173,6 +178,7 @@ class FederatedConfig:
             self.secagg_neighbours >= 0, "secagg_neighbours", "must be >= 0", self.secagg_neighbours
         )
         _check(self.split_workers >= 0, "split_workers", "must be >= 0", self.split_workers)
+        _check(self.step_qos in (0, 1), "step_qos", "must be 0 or 1", self.step_qos)
         _check(
             self.split_workers == 0 or self.mode == "splitfed-v1",
             "split_workers",

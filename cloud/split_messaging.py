@@ -127,7 +127,7 @@ class SplitMessaging:
         topic = self.topics.down(device)
         if self.endpoint.fits_one_frame(topic, len(payload)):
             try:
-                self.endpoint.post(topic, payload)
+                self.endpoint.post(topic, payload, qos=self.config.step_qos)
             except TransportError as exc:
                 log.warning("reply for %s not sent: %s", device, exc)
             return
@@ -329,7 +329,8 @@ class SplitMessaging:
             cfg = self.config
             meta = {"model": cfg.model, "cut": self.cut, "session": self.session,
                     "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
-                    "act_codec": cfg.act_codec, "num_classes": self.spec.num_classes}  # fmt: skip
+                    "act_codec": cfg.act_codec, "num_classes": self.spec.num_classes,
+                    "step_qos": cfg.step_qos}  # fmt: skip
             reply = self._envelope(MsgType.HALF, state.round, meta, self._half_body)
             if pool is not None:
                 pool.submit(self._send_worker, worker, reply)

@@ -253,6 +253,7 @@ class SplitTrainer(SplitMessaging):
                 "lr": cfg.lr,
                 "momentum": cfg.momentum,
                 "act_codec": cfg.act_codec,
+                "step_qos": cfg.step_qos,
                 # With DP the activation noise is part of config.dp (one ledger).
                 "act_noise_clip": 0.0 if self.split_dp else cfg.act_noise_clip,
                 "act_noise_multiplier": 0.0 if self.split_dp else cfg.act_noise_multiplier,

@@ -64,6 +64,7 @@ class _RoundHalf:
         self.activation_shape = sm.activation_shape
         self.batch_size = int(meta["batch_size"])
         self.codec = str(meta.get("act_codec", "float32"))
+        self.step_qos = 0 if meta.get("step_qos") == 0 else 1
         self.half = CloudHalf(
             mode="splitfed-v1",
             module=sm.cloud,
@@ -115,6 +116,7 @@ class SplitStepWorker:
         self._traffic: dict[tuple[str, int, str], list[int]] = {}
         self.rejected = 0
         self.reasons: list[str] = []
+        self._qos = 1  # step replies: the latest round half's step_qos
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -238,6 +240,7 @@ class SplitStepWorker:
         for old in sorted(self._halves)[:-1]:  # keep the previous round for late steps
             del self._halves[old]
         self._halves[key] = _RoundHalf(got)
+        self._qos = self._halves[key].step_qos
         return self._halves[key]
 
     def _serve(self, device: str, env: Envelope) -> None:
@@ -283,7 +286,7 @@ class SplitStepWorker:
         topic = self.topics.down(device)
         try:
             if self.endpoint.fits_one_frame(topic, len(payload)):
-                self.endpoint.post(topic, payload)
+                self.endpoint.post(topic, payload, qos=self._qos)
             else:
                 self.endpoint.send(topic, payload, timeout=30)
         except TransportError as exc:

@@ -168,6 +168,7 @@ class SplitClient(DeviceLink):
         self._via_workers = False
         self._worker: str | None = None
         self._codec = "float32"
+        self._step_qos = 1  # MQTT QoS of one-frame step messages (the round config's step_qos)
         # Activation noise (split.privacy.activation_noise): the layer keeps its OS-seeded
         # generator across rounds; one per-sample ledger per run counts the noised releases.
         self._noise = None
@@ -310,7 +311,7 @@ class SplitClient(DeviceLink):
             # One frame, no transport ack: the reply acknowledges it. If none comes within
             # step_resend the same message goes again; the cloud answers a repeated step from
             # its reply cache instead of training on it twice.
-            self.endpoint.post(topic, payload)
+            self.endpoint.post(topic, payload, qos=self._step_qos)
             resend = opts.step_resend
         while True:
             left = deadline - time.monotonic()
@@ -323,7 +324,7 @@ class SplitClient(DeviceLink):
                         f"step {step}: no reply from the cloud within {opts.step_timeout} s"
                     ) from None
                 log.info("%s: no reply to step %d yet; sending it again", self.id, step)
-                self.endpoint.post(self._step_topic(), payload)
+                self.endpoint.post(self._step_topic(), payload, qos=self._step_qos)
         if reply is None:
             raise TransportError("device stopped")
         self._pin_worker(reply)
@@ -346,7 +347,7 @@ class SplitClient(DeviceLink):
         )  # fmt: skip
         payload = encode(claim)
         while True:
-            self.endpoint.post(self.topics.steps(self.id), payload)
+            self.endpoint.post(self.topics.steps(self.id), payload, qos=self._step_qos)
             left = deadline - time.monotonic()
             try:
                 grant = self._grants.get(timeout=max(0.0, min(left, self.options.step_resend)))
@@ -420,6 +421,10 @@ class SplitClient(DeviceLink):
             own = m.state_dict()
             m.load_state_dict({k: torch.from_numpy(params[k]) for k in own})
         self._codec = str(cfg.get("act_codec", "float32"))
+        qos = cfg.get("step_qos", 1)
+        if qos not in (0, 1) or isinstance(qos, bool):
+            raise SplitProtocolError(f"MODEL meta.config.step_qos must be 0 or 1, got {qos!r}")
+        self._step_qos = qos
         self._via_workers, self._worker = meta.get("steps") == "workers", None
         ledger, sigma = self._setup_noise(env.run_id, cfg)
         epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])

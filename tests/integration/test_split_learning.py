@@ -789,3 +789,32 @@ def test_noised_activations_on_the_wire_carry_clip_plus_noise(
     print(f"act noise clip={clip} sigma={sigma}: accuracy {summary['accuracy']:.4f}, "
           f"epsilon {summary['epsilon']:.3f} (delta={cfg.delta})")  # fmt: skip
     assert summary["accuracy"] > 0.35  # it learns; 0.60 seen at this noise
+
+
+def test_step_qos_0_trains_the_same_model_without_pubacks(split_run, mosquitto, tmp_path):
+    """QoS 0 step messages (the reply is the end-to-end ack) give the same model as QoS 1."""
+    seen: list[tuple[str, int]] = []
+    ready = threading.Event()
+    spy = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="qos-spy")
+    spy.on_message = lambda c, u, m: seen.append((m.topic, m.qos))
+    spy.on_subscribe = lambda *a: ready.set()
+    spy.connect(mosquitto.host, mosquitto.port)
+    spy.loop_start()
+    spy.subscribe("q0/#", qos=1)  # delivery QoS = min(publish QoS, 1)
+    assert ready.wait(5)
+    models = {}
+    for qos in (1, 0):
+        cfg = _config(tmp_path / f"q{qos}", mode="vanilla", rounds=1, local_epochs=1,
+                      step_qos=qos, prefix=f"q{qos}")  # fmt: skip
+        run = split_run(cfg, clients=1)
+        assert run.trainer.run()["rounds_ok"] == 1
+        models[qos] = run.trainer.model.state_dict()
+        run.close()
+    spy.loop_stop()
+    spy.disconnect()
+    for k, v in models[0].items():
+        torch.testing.assert_close(v, models[1][k], rtol=0, atol=0)
+    steps = [q for t, q in seen if t in ("q0/up/dev-0000", "q0/down/dev-0000")]
+    assert steps and 0 in steps  # the steps (and replies) travelled at QoS 0
+    with pytest.raises(ConfigError, match="step_qos must be 0 or 1, got 2"):
+        FederatedConfig(step_qos=2)

@@ -103,13 +103,18 @@ def federation(mosquitto):
         f.close()
 
 
-def test_step_workers_train_exactly_what_the_in_process_cloud_trains(federation, tmp_path):
+@pytest.mark.parametrize("step_qos", [1, 0])
+def test_step_workers_train_exactly_what_the_in_process_cloud_trains(
+    federation, tmp_path, step_qos
+):
     # V1 gives every device its own cloud-half copy, so who serves a device's steps changes no
     # number: two workers sharing the sessions must end with the in-process run's model.
     local = federation(_config(tmp_path, "local"), clients=4)
     local.trainer.run()
     local.close()  # the next run reuses the device ids (MQTT client ids)
-    fed = federation(_config(tmp_path, "workers", split_workers=2), clients=4, workers=2)
+    fed = federation(
+        _config(tmp_path, "workers", split_workers=2, step_qos=step_qos), clients=4, workers=2
+    )
     summary = fed.trainer.run()
     want = local.trainer.model.state_dict()
     for k, v in fed.trainer.model.state_dict().items():
@@ -125,6 +130,7 @@ def test_step_workers_train_exactly_what_the_in_process_cloud_trains(federation,
     assert all(r["clients_ok"] == 4 and r["step_workers"] == 2 for r in rows), rows
     # The shared subscription spread the sessions; each session stayed with one worker.
     w0, w1 = fed.workers
+    assert w0._qos == w1._qos == step_qos  # their replies go at the run's step QoS
     assert w0.sessions and w1.sessions and not (w0.sessions & w1.sessions)
     assert len(w0.sessions | w1.sessions) == 8  # 4 devices x 2 rounds
     steps = sum(c.steps for c in fed.devices)
