@@ -56,9 +56,6 @@ from split.privacy.budget import MAX_NOISE_MULTIPLIER, PrivacyLedger, check_delt
 
 __all__ = ["SplitDP", "SplitDPTrainer", "joint_noise_multiplier"]
 
-# Opacus guards per-sample clip factors against zero norms this way.
-_NORM_EPS = 1e-6
-
 
 def _positive(name: str, value) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -189,7 +186,7 @@ class SplitDP:
                 ``label_epsilon`` leaves nothing for the Gaussian channels; the message gives
                 the epsilon reachable at that noise and the most steps that fit.
         """
-        from split.privacy.budget import noise_for_target
+        from split.privacy.budget import _max_steps, noise_for_target
 
         _positive("target_epsilon", target_epsilon)
         if not isinstance(releases, int) or releases < 1:
@@ -219,9 +216,9 @@ class SplitDP:
             )
         except PrivacyConfigError:
             cap = plan(MAX_NOISE_MULTIPLIER)
-            fit = 0
-            while fit < releases and cap.epsilon(fit + 1) <= target_epsilon:
-                fit += 1
+            # Binary search over step counts (the budget module's): the Gaussian part's share.
+            fit = _max_steps(accountant="rdp", target_epsilon=rest, delta=delta,
+                             sigma=cap.sigma_joint, q=1.0, above=releases)  # fmt: skip
             raise PrivacyConfigError(
                 f"target_epsilon={target_epsilon} is infeasible for {releases} steps per sample "
                 f"(rounds x local_epochs): it needs noise multipliers > {MAX_NOISE_MULTIPLIER}; "
@@ -229,13 +226,6 @@ class SplitDP:
                 f"{MAX_NOISE_MULTIPLIER}, or at most {fit} steps per sample"
             ) from None
         return plan(joint * ratio)
-
-
-def _clip_rows(t, clip: float):
-    """Scales each row (dim 0) of a torch tensor to L2 norm at most ``clip``."""
-    norms = t.flatten(1).norm(dim=1)
-    factor = (clip / (norms + _NORM_EPS)).clamp(max=1.0)
-    return t * factor.view(-1, *([1] * (t.dim() - 1)))
 
 
 class SplitDPTrainer:
@@ -340,8 +330,10 @@ class SplitDPTrainer:
         """
         import torch
 
+        from split.privacy.activation_noise import clip_per_sample
+
         b = grad.shape[0]
-        rows = _clip_rows(grad.detach() * b, self.dp.grad_clip)
+        rows = clip_per_sample(grad.detach() * b, self.dp.grad_clip)
         std = self.dp.grad_sigma * self.dp.grad_clip
         z = torch.randn(grad.shape, generator=self._grad_gen, dtype=grad.dtype)
         return (rows + std * z) / b

@@ -16,7 +16,7 @@ from converters.errors import ConfigError
 from split.errors import PrivacyConfigError
 from split.graph import split_template
 from split.privacy.activation_noise import clip_per_sample
-from split.privacy.split_dp import SplitDP, SplitDPTrainer, _clip_rows, joint_noise_multiplier
+from split.privacy.split_dp import SplitDP, SplitDPTrainer, joint_noise_multiplier
 
 DELTA = 1e-5
 
@@ -119,7 +119,7 @@ def test_loss_gradient_noise_is_clipped_rows_plus_gaussian_of_the_right_scale():
     trainer = SplitDPTrainer(sm.edge, sm.head, dp, num_samples=10_000, seed=5)
     b = 50
     grad = torch.randn(b, 400, generator=torch.Generator().manual_seed(1)) / b
-    rows = _clip_rows(grad * b, dp.grad_clip)
+    rows = clip_per_sample(grad * b, dp.grad_clip)
     assert torch.all(rows.flatten(1).norm(dim=1) <= dp.grad_clip * (1 + 1e-6))
     noise = (trainer.noise_loss_gradient(grad) * b - rows).double().numpy().ravel()
     std, n = dp.grad_sigma * dp.grad_clip, noise.size
