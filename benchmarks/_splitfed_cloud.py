@@ -33,6 +33,29 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, summed by role (Linux /proc)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(tid), "")
+        role = next((r for prefix, r in _ROLES if name.startswith(prefix)), "other")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+# Thread name prefix -> role in the cloud process (converters.mqtt, cloud.split_trainer).
+_ROLES = (("paho-mqtt-client", "network"), ("mqtt-dispatch", "dispatch"),
+          ("split-cloud", "compute"), ("MainThread", "main"))  # fmt: skip
+
+
 def _start_devices(url: str, model: str, count: int, samples: int, procs: int, mqtt_kw: dict):
     out = []
     for p in range(procs):
@@ -123,8 +146,10 @@ def run_once(
             )  # fmt: skip
             workers = _start_step_workers(broker.url, step_workers)
             marks = []  # CPU seconds (cloud, devices, broker) after each round
+            threads = []  # the cloud's CPU seconds by thread role after each round
 
             def on_round(row):
+                threads.append(_thread_cpu())
                 marks.append((
                     time.process_time(),
                     sum(_cpu_seconds(p.pid) for p in procs),
@@ -159,6 +184,11 @@ def run_once(
     if not ok:
         raise RuntimeError(f"no timed round finished: {rows}")
     samples_done = sum(r["samples"] for r in ok)
+    steps = samples_done / batch_size
+    roles = {
+        role: 1e6 * (cpu_s - threads[0].get(role, 0.0)) / steps
+        for role, cpu_s in threads[-1].items()
+    }
     seconds = sum(r["seconds"] for r in ok)
     compute = sum(r["cloud_compute_seconds"] for r in ok)
     return {
@@ -170,6 +200,10 @@ def run_once(
         "devices_cpu_ms_per_1k": 1000 * cpu[1] / samples_done * 1000,
         "broker_cpu_ms_per_1k": 1000 * cpu[2] / samples_done * 1000,
         "workers_cpu_ms_per_1k": 1000 * cpu[3] / samples_done * 1000,
+        # The cloud's CPU microseconds per device step by thread: paho's network thread (with
+        # frame parsing and acks), the endpoint's dispatcher (envelope and activation decode),
+        # the compute thread (cloud half, replies' encoding and publish).
+        "cloud_us_per_step_by_thread": roles,
         "cloud_calls_per_round": sum(r["cloud_calls"] for r in ok) / len(ok),
         "compute_share": compute / seconds,
         "compute_samples_per_s": samples_done / compute if compute else 0.0,
@@ -204,6 +238,10 @@ def bench_splitfed(
                   f"samples: cloud {out[key]['cloud_cpu_ms_per_1k']:.0f} devices "
                   f"{out[key]['devices_cpu_ms_per_1k']:.0f} broker "
                   f"{out[key]['broker_cpu_ms_per_1k']:.0f}", flush=True)  # fmt: skip
+            by = out[key]["cloud_us_per_step_by_thread"]
+            print("    cloud CPU us per device step by thread: " + ", ".join(
+                f"{k} {by[k]:.0f}" for k in ("network", "dispatch", "compute", "main", "other")
+                if k in by), flush=True)  # fmt: skip
     return out
 
 

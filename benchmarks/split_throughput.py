@@ -22,6 +22,9 @@ Three parts, each bounded:
    alone (no messaging) at the same device counts.
 5. SplitFed V1 in the trainer's process vs served by 1 and 2 step worker processes
    (``edgesplit split-worker``), samples/s and cloud CPU per 1,000 samples.
+6. The ceiling of part 4's ratio on this machine (``_split_ceiling.py``): paho's own cost of a
+   step message in and its reply out, our message code, and the cloud half one device per call
+   vs batched, each measured alone; (M + Y) / (M + Z) bounds batched / one-at-a-time.
 """
 
 from __future__ import annotations
@@ -423,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     print("cloud half compute alone (forward + backward + SGD step, 16 samples per device)")
     for key, r in compute.items():
         print(f"  {key:<26} {r['ms_per_step']:7.3f} ms per device step  {r['speedup']:5.1f}x")
+    from _split_ceiling import ceiling, report  # beside this script
+
+    print("what batching can reach at most here: each term of a device step measured alone")
+    bound = ceiling(smoke=args.smoke)
+    report(bound)
     top = max(int(k.split()[0].split("=")[1]) for k in splitfed)
     wall_x = (
         splitfed[f"devices={top} batched"]["samples_per_s"]
@@ -462,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"smoke": args.smoke, "codecs": codecs, "service": service,
                        "split_step": step, "splitfed": splitfed, "cloud_compute": compute,
-                       "step_workers": step_workers,
+                       "step_workers": step_workers, "ceiling": bound,
                        "goals": goals}, f, indent=2)  # fmt: skip
     return 0
 
