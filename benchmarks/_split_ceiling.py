@@ -94,9 +94,11 @@ def paho_echo_us(*, size: int, n: int, qos: int) -> float:
             if sel.select(0.5):
                 if start is None:
                     start = (time.process_time(), count[0])
-                c.loop_read()
-                while sel.select(0):  # drain what is there before writing
-                    c.loop_read()
+                rc = c.loop_read()
+                while rc == mqtt.MQTT_ERR_SUCCESS and sel.select(0):  # drain, then write
+                    rc = c.loop_read()
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    raise RuntimeError(f"echo lost its broker connection: {mqtt.error_string(rc)}")
             if c.want_write():
                 c.loop_write()
             c.loop_misc()
@@ -105,7 +107,10 @@ def paho_echo_us(*, size: int, n: int, qos: int) -> float:
         return 1e6 * (time.process_time() - start[0]) / (count[0] - start[1])
     finally:
         if peer is not None:
-            peer.wait(timeout=30)
+            try:
+                peer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                peer.kill()
         c.disconnect()
         broker.close()
 
