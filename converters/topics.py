@@ -49,20 +49,22 @@ class TopicRule:
     carries: str
 
 
-# QoS 1 everywhere: application messages are idempotent by (sender, seq) and QoS 2's extra
-# round trip buys nothing once the transport acknowledges whole transfers itself.
+# QoS 1 by default: repeats are dropped by frame (sender, stream id, seq) and by round, step or
+# request id, and QoS 2's extra round trip buys nothing once the transport acknowledges whole
+# transfers itself. Later frames of a stream and, if configured, step and inference messages
+# travel at QoS 0 (their reply is the acknowledgement).
 TOPIC_RULES: dict[str, TopicRule] = {
     "ctrl": TopicRule(
-        "cloud", "all devices", 1, True, "current round announcement (ROUND_START/ROUND_END)"
+        "cloud", "all devices", 1, True, "current round announcement (ROUND_START, final BYE)"
     ),
     "down": TopicRule(
-        "cloud", "device", 1, False, "MODEL, GRADIENT, INFER_REPLY, replies, transport acks"
+        "cloud", "device", 1, False, "MODEL, GRADIENT, LOGITS, INFER_REPLY, grants, transport acks"
     ),
     "up": TopicRule(
-        "device", "cloud", 1, False, "HELLO, UPDATE, ACTIVATION, EVAL, BYE, transport acks"
+        "device", "cloud", 1, False, "HELLO, UPDATE, ACTIVATION, LOGIT_GRADIENT, INFER_*, ERROR"
     ),
     "presence": TopicRule(
-        "device", "cloud", 1, True, 'retained {"state": "online"}; last will "offline"'
+        "device", "cloud", 1, True, 'retained {"device", "status": "online"}; will "offline"'
     ),
 }
 

@@ -42,8 +42,8 @@ def _settings(cls: type[Strategy]) -> list[str]:
 def get_strategy(name: str, **kwargs) -> Strategy:
     """Builds the strategy registered as ``name`` with keyword settings.
 
-    Known names: fedavg, fedprox (mu), fedadam / fedyogi (eta, beta1, beta2, tau, weighted),
-    median, trimmed-mean (beta).
+    Known names: fedavg, fedavgm (server_lr, momentum), fedprox (mu), fedadam / fedyogi (eta,
+    beta1, beta2, tau, weighted), median, trimmed-mean (beta).
 
     Raises:
         ValueError: for an unknown name, listing the known ones.
