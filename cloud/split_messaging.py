@@ -119,7 +119,8 @@ class SplitMessaging:
             body = encode_tensors(tensors, codec=self.config.act_codec)
         payload = self._envelope(msg_type, round_, meta, body)
         if answers is not None:
-            self._ledger.answered(device, answers, payload)
+            refused = msg_type == MsgType.ERROR
+            self._ledger.answered(device, answers, payload, refused=refused)
         self._deliver(device, payload)
 
     def _deliver(self, device: str, payload: bytes) -> None:
@@ -236,18 +237,19 @@ class SplitMessaging:
         handler(device, env, state)
 
     def _admit_step(self, device: str, env: Envelope, state: RoundState) -> bool:
-        """True for a new step message; a repeat is counted and, if already answered, answered
-        again with the same reply (never trained on twice)."""
+        """True for a new step message; a repeat is counted and never trained on twice: the
+        last answered step is answered again with the same reply, an older one (stale: the
+        device has moved on) and a queued one are not answered."""
         step = env.meta.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             return True  # the handler rejects it with the reason
         seen = self._ledger.admit(device, (env.round, step, env.type))
-        if seen == StepLedger.NEW:
+        if not isinstance(seen, bytes) and seen == StepLedger.NEW:
             return True
         with state.cond:
             state.duplicates += 1
-        log.info("%s step %d from %s again (%s)", env.type.name, step, device,
-                 "queued" if seen == StepLedger.QUEUED else "answered again")  # fmt: skip
+        how = "answered again" if isinstance(seen, bytes) else seen  # "queued" or "stale"
+        log.info("%s step %d from %s again (%s)", env.type.name, step, device, how)
         if isinstance(seen, bytes):
             self._deliver(device, seen)
         return False

@@ -6,7 +6,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import numpy as np
 
@@ -141,6 +141,18 @@ class StepQueue:
 
 StepKey = tuple[int, int, MsgType]  # (round, step, uplink message type)
 
+# Within a step the device sends its ACTIVATION before (U-shaped) its LOGIT_GRADIENT.
+_UPLINK_ORDER = {MsgType.ACTIVATION: 0, MsgType.LOGIT_GRADIENT: 1}
+
+
+def _older(key: StepKey, than: StepKey) -> bool:
+    """True if ``key`` comes before ``than`` in the same round (the device numbers its steps
+    upwards within a round; a new round, or a new run on a long-lived worker, starts again)."""
+    if key[0] != than[0]:
+        return False
+    rank = _UPLINK_ORDER.get
+    return (key[1], rank(key[2], 0)) < (than[1], rank(than[2], 0))
+
 
 class StepLedger:
     """Which step messages are queued or answered, so a repeat is never trained on twice.
@@ -149,38 +161,61 @@ class StepLedger:
     reply acknowledges them and a device that gets none resends the same step. QoS 1 may also
     deliver a message twice. A repeat of a queued step is ignored; a repeat of the last answered
     step gets the cached reply again. Each device has one step in flight, so one cached reply
-    per device suffices.
+    per device suffices: a step older than the last answered one (a resend that crossed its
+    reply, or one that took another topic and arrives late) is STALE, neither trained nor
+    answered, since the device has moved on. A refused step (an ERROR reply) keeps its own
+    cached reply but moves nothing on: a device that gets it gives up the round, and a message
+    that was not the device's (a bogus step id) must not make its real steps look stale.
+
+    ``device`` is any hashable identity: the coordinator uses the device id (its ledger is per
+    run and forgotten each round), a step worker ``(run_id, device)``.
     """
 
-    NEW, QUEUED = "new", "queued"
+    NEW, QUEUED, STALE = "new", "queued", "stale"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queued: set[tuple[str, StepKey]] = set()
-        self._answered: dict[str, tuple[StepKey, bytes]] = {}
+        self._queued: set[tuple[Hashable, StepKey]] = set()
+        self._answered: dict[Hashable, tuple[StepKey, bytes]] = {}
+        self._refused: dict[Hashable, tuple[StepKey, bytes]] = {}
 
-    def admit(self, device: str, key: StepKey) -> str | bytes:
-        """NEW (now queued), QUEUED (a repeat still waiting) or the cached reply to resend."""
+    def admit(self, device: Hashable, key: StepKey) -> str | bytes:
+        """NEW (now queued), QUEUED (a repeat still waiting), STALE (older than the last
+        answered step of the round) or the cached reply to resend."""
         with self._lock:
+            for cache in (self._answered, self._refused):
+                last = cache.get(device)
+                if last is not None and last[0] == key:
+                    return last[1]
             last = self._answered.get(device)
-            if last is not None and last[0] == key:
-                return last[1]
+            if last is not None and _older(key, last[0]):
+                return self.STALE
             if (device, key) in self._queued:
                 return self.QUEUED
             self._queued.add((device, key))
             return self.NEW
 
-    def answered(self, device: str, key: StepKey, reply: bytes) -> None:
+    def answered(
+        self, device: Hashable, key: StepKey, reply: bytes, *, refused: bool = False
+    ) -> None:
+        """Records the reply to a queued step; ``refused``: an ERROR, the step was not served."""
         with self._lock:
             self._queued.discard((device, key))
-            self._answered[device] = (key, reply)
+            if refused:
+                self._refused[device] = (key, reply)
+                return
+            last = self._answered.get(device)
+            if last is None or not _older(key, last[0]):  # never step back to an older step
+                self._answered[device] = (key, reply)
 
-    def forget(self, device: str | None = None) -> None:
+    def forget(self, device: Hashable | None = None) -> None:
         """Forgets one device (it vanished) or everything (a new round)."""
         with self._lock:
             if device is None:
                 self._queued.clear()
                 self._answered.clear()
+                self._refused.clear()
                 return
             self._answered.pop(device, None)
+            self._refused.pop(device, None)
             self._queued = {q for q in self._queued if q[0] != device}

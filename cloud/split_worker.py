@@ -22,7 +22,9 @@ A worker that dies takes its sessions with it: their devices get no reply, give 
 after ``step_timeout`` and report an error, the round goes on without them and next round their
 first step reaches a live worker. A step is never trained twice (:class:`StepLedger`); a device
 that resends its first step to the shared topic may reach a second worker, but it keeps the
-first answer's owner and the other copy is never sent (it has no ``last`` step).
+first answer's owner, ignores the other worker's reply and that copy is never sent (it has no
+``last`` step). A resend reaching the owner after later steps (MQTT orders messages per topic
+only) is stale: counted in ``duplicates``, neither trained nor answered.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class SplitStepWorker:
         # (run, round, device) -> [step bytes received, reply bytes sent], reported with the copy
         self._traffic: dict[tuple[str, int, str], list[int]] = {}
         self.rejected = 0
+        self.duplicates = 0  # repeated or stale step messages, never trained on twice
         self.reasons: list[str] = []
         self._qos = 1  # step replies: the latest round half's step_qos
 
@@ -163,13 +166,19 @@ class SplitStepWorker:
             return
         if worker is not None and worker != self.id:
             return  # not ours (an overlapping subscription)
-        seen = self._ledger.admit(device, (env.round, step, env.type))
+        # Per run: a long-lived worker serves the rounds of later runs, whose steps count again.
+        seen = self._ledger.admit((env.run_id, device), (env.round, step, env.type))
+        if not isinstance(seen, bytes) and seen == StepLedger.NEW:
+            self._work.put((device, env, len(payload)))
+            return
+        # A repeat: a resend or redelivery of the step in hand gets the cached reply again; a
+        # queued one or an older one (a resend of the first step on the shared topic arriving
+        # after later steps on this worker's topic, since MQTT orders per topic only) none.
+        self.duplicates += 1
+        log.info("%s: ACTIVATION step %d from %s again (%s)", self.id, step, device,
+                 "answered again" if isinstance(seen, bytes) else seen)  # fmt: skip
         if isinstance(seen, bytes):
             self._post(device, seen)
-            return
-        if seen == StepLedger.QUEUED:
-            return
-        self._work.put((device, env, len(payload)))
 
     def _grant(self, device: str, env: Envelope) -> None:
         """Answers a claim: the device then streams its multi-frame first step to this worker.
@@ -209,7 +218,8 @@ class SplitStepWorker:
                 error = self._envelope(
                     MsgType.ERROR, env, {"error": reason[:500], "step": env.meta.get("step")}
                 )
-                self._ledger.answered(device, (env.round, env.meta["step"], env.type), error)
+                key = (env.round, env.meta["step"], env.type)
+                self._ledger.answered((env.run_id, device), key, error, refused=True)
                 self._post(device, error)
             except Exception:  # a bug must not kill the worker's only compute thread
                 log.exception("%s: step from %s failed", self.id, device)
@@ -259,7 +269,7 @@ class SplitStepWorker:
             {"grad": grad * np.float32(scale) if scale != 1 else grad}, codec=rh.codec
         )
         reply = self._envelope(MsgType.GRADIENT, env, meta, body)
-        self._ledger.answered(device, (env.round, item.step, env.type), reply)
+        self._ledger.answered((env.run_id, device), (env.round, item.step, env.type), reply)
         self._post(device, reply)
         key = (env.run_id, env.round, device)
         self._traffic.setdefault(key, [0, 0])[1] += len(reply)

@@ -101,8 +101,14 @@ def run(args: argparse.Namespace) -> int:
 def _split_client(args, dev, cfg, shard, executor):
     from edge.split_client import SplitClient, SplitClientOptions
 
+    # The state folder keeps split-DP state (the ledger, the labels randomized once per run)
+    # across a ``simulate --resume``: drawn again, label_epsilon would be spent uncounted.
     options = SplitClientOptions(
-        device_id=dev, prefix=args.prefix, vanish_prob=args.dropout, seed=args.seed
+        device_id=dev,
+        prefix=args.prefix,
+        vanish_prob=args.dropout,
+        seed=args.seed,
+        state_dir=args.state_dir,
     )
     return SplitClient(options=options, mqtt=cfg, x=shard.x, y=shard.y, executor=executor)
 

@@ -224,38 +224,54 @@ class SplitClient(DeviceLink):
             self._reject(f"unexpected message type {env.type.name} on the downlink")
 
     def _on_step_reply(self, env: Envelope) -> None:
+        """Hands the reply to the step in hand to the training thread; any other is ignored
+        (counted with its reason, logged at INFO): a repeat, a stale reply to an earlier step,
+        or, with step workers, a reply from a worker that does not own the session (a resent
+        first step may reach a second worker). None of them is ever taken as the answer."""
         step = env.meta.get("step")
         key = (env.run_id, env.round, step)
         with self._lock:
-            pending = self._pending
+            pending, owner = self._pending, self._worker if self._via_workers else None
+            answerer = env.meta.get("worker", env.sender)
+            foreign = owner is not None and answerer != owner
             taken = (
                 pending is not None
                 and key == pending[:3]
                 and env.type in (pending[3], MsgType.ERROR)
+                and not foreign
             )
             if taken:  # one reply per step: a repeat that follows is refused
                 self._pending = None
-        if not taken:
-            want = (
-                "none"
-                if pending is None
-                else f"{pending[3].name} for run {pending[0]} round {pending[1]} step {pending[2]}"
-            )
-            if env.type == MsgType.ERROR:
-                log.warning("%s: cloud error for step %r: %s", self.id, step, env.meta.get("error"))
-            if pending is not None and key == pending[:3]:
-                reason = (
-                    f"{env.type.name} for step {step!r} (run {env.run_id} round {env.round}), "
-                    f"which awaits {pending[3].name}: a repeated reply, ignored"
-                )
-            else:
-                reason = (
-                    f"{env.type.name} for unknown step {step!r} (run {env.run_id} round "
-                    f"{env.round}); pending: {want}"
-                )
-            self._reject(reason)
+        if taken:
+            self._replies.put(env)
             return
-        self._replies.put(env)
+        want = (
+            "none"
+            if pending is None
+            else f"{pending[3].name} for run {pending[0]} round {pending[1]} step {pending[2]}"
+        )
+        where = f"(run {env.run_id} round {env.round})"
+        if pending is not None and key == pending[:3] and foreign:
+            reason = (
+                f"{env.type.name} for step {step!r} {where} from step worker {answerer!r}, but "
+                f"{owner!r} owns this session: ignored"
+            )
+        elif pending is not None and key == pending[:3]:
+            reason = (
+                f"{env.type.name} for step {step!r} {where}, which awaits {pending[3].name}: "
+                f"a repeated reply, ignored"
+            )
+        else:
+            reason = f"{env.type.name} for unknown step {step!r} {where}; pending: {want}"
+        if env.type == MsgType.ERROR:  # repr: one line whatever the text
+            reason += f"; error {str(env.meta.get('error'))[:200]!r}"
+        self._ignore(reason)
+
+    def _ignore(self, reason: str) -> None:
+        """Counts a stray step reply like a rejected message; expected traffic, so INFO."""
+        self.rejected += 1
+        self.reasons.append(reason)
+        log.info("%s: %s", self.id, reason)
 
     # -- one round (executor thread) -------------------------------------------------------
 
@@ -376,18 +392,17 @@ class SplitClient(DeviceLink):
         """Sticky routing: the worker that answered the session's first step owns it."""
         if not self._via_workers or reply.type == MsgType.ERROR:
             return
+        if self._worker is not None:
+            return  # _on_step_reply takes replies from the owner only
         worker = reply.meta.get("worker")
-        if self._worker is None:
-            try:
-                self._worker = validate_device_id(worker)
-            except (WireError, ValueError, TypeError):
-                raise SplitProtocolError(
-                    f"step reply from a step worker needs meta.worker (an id), got {worker!r}"
-                ) from None
-        elif worker != self._worker:
+        try:
+            owner = validate_device_id(worker)
+        except (WireError, ValueError, TypeError):
             raise SplitProtocolError(
-                f"step answered by worker {worker!r}, but {self._worker!r} owns this session"
-            )
+                f"step reply from a step worker needs meta.worker (an id), got {worker!r}"
+            ) from None
+        with self._lock:
+            self._worker = owner
 
     def _reply_tensor(self, reply: Envelope, want: MsgType, name: str, shape) -> np.ndarray:
         if reply.type != want:
