@@ -1,9 +1,9 @@
 """The cloud's messages in split learning: step replies, uplink validation, presence.
 
 :class:`SplitMessaging` is the MQTT half of :class:`cloud.split_trainer.SplitTrainer`: every
-uplink message is decoded and checked here (run, sender, round, step id, tensor shapes, NaN),
-rejected with a one-line reason or queued for the cloud half; replies go out through a send
-pool so one slow device never stalls the others.
+uplink message is decoded and checked here (run, sender, session, round, step id, tensor
+shapes, NaN), rejected with a one-line reason or queued for the cloud half; replies go out
+through a send pool so one slow device never stalls the others.
 """
 
 from __future__ import annotations
@@ -206,6 +206,9 @@ class SplitMessaging:
             ):
                 log.info("device %s registered (%d samples)", device, num)
             return
+        if env.meta.get("session", self.session) != self.session:
+            self._other_session(device, env)
+            return
         if env.type == MsgType.ERROR:
             log.warning("device %s reports: %s", device, env.meta.get("error"))
             self._drop(device)
@@ -235,6 +238,26 @@ class SplitMessaging:
             self._reject(f"{device}: unexpected message type {env.type.name} on the uplink")
             return
         handler(device, env, state)
+
+    def _other_session(self, device: str, env: Envelope) -> None:
+        """A message sent for another session of this run (a coordinator restarted with the
+        same run id repeats round numbers): counted like an out-of-round one and never used;
+        a step is answered with an ERROR so that its device stops waiting."""
+        theirs = repr(env.meta.get("session"))[:80]
+        reason = (
+            f"{env.type.name} from {device} round {env.round}: meta.session must be this "
+            f"cloud's session {self.session!r}, got {theirs}"
+        )
+        log.info("%s; ignored", reason)
+        state = self._current()
+        if state is not None:
+            with state.cond:
+                state.late += 1
+        step = env.meta.get("step")
+        is_step = env.type in (MsgType.ACTIVATION, MsgType.LOGIT_GRADIENT)
+        if is_step and isinstance(step, int) and not isinstance(step, bool):
+            # Not recorded in the ledger: this session's own step of that number stays new.
+            self._post(device, MsgType.ERROR, env.round, {"error": reason[:500], "step": step})
 
     def _admit_step(self, device: str, env: Envelope, state: RoundState) -> bool:
         """True for a new step message; a repeat is counted and never trained on twice: the
@@ -341,6 +364,12 @@ class SplitMessaging:
             self._reject(f"worker {worker}: unexpected message type {env.type.name}")
             return
         device = env.meta.get("device")
+        if env.meta.get("session", self.session) != self.session:
+            log.info("HALF_UPDATE from worker %s for %r of session %r, not %r; ignored",
+                     worker, device, env.meta.get("session"), self.session)  # fmt: skip
+            with state.cond:
+                state.late += 1
+            return
         try:
             if device not in state.selected:
                 raise SplitProtocolError(f"meta.device {device!r} is not selected this round")

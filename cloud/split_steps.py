@@ -29,6 +29,21 @@ def step_of(device: str, env: Envelope) -> int:
     return step
 
 
+def session_of(env: Envelope) -> str | None:
+    """The coordinator session a step names (``meta.session``, from the device's MODEL), or
+    None if it names none (a device older than sessions in steps); raises SplitProtocolError
+    unless it is a str of 1-64 characters."""
+    session = env.meta.get("session")
+    if session is None:
+        return None
+    if not isinstance(session, str) or not 1 <= len(session) <= 64:
+        raise SplitProtocolError(
+            f"{env.type.name} from {env.sender}: meta.session must be a str of 1-64 "
+            f"characters, got {session!r}"[:300]
+        )
+    return session
+
+
 def decode_activation(
     device: str,
     env: Envelope,
@@ -168,7 +183,8 @@ class StepLedger:
     that was not the device's (a bogus step id) must not make its real steps look stale.
 
     ``device`` is any hashable identity: the coordinator uses the device id (its ledger is per
-    run and forgotten each round), a step worker ``(run_id, device)``.
+    run and forgotten each round, and takes its own session's steps only), a step worker
+    ``(run_id, session, device)``, or ``(run_id, device)`` for a step naming no session.
     """
 
     NEW, QUEUED, STALE = "new", "queued", "stale"

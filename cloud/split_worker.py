@@ -15,6 +15,9 @@ workers, any number of them, on any machine that reaches the broker:
    sticky routing, because the owner holds the device's cloud-half copy (V1).
 3. The first step of a round it has not seen makes a worker ask the coordinator for that
    round's cloud half (HALF_REQUEST -> HALF, point to point on ``<prefix>/workers/<id>/...``).
+   Steps name the coordinator's session (``meta.session``, from MODEL): a coordinator restarted
+   with the same run id repeats round numbers, so halves and the step ledger are per session,
+   and a HALF of another session than the step's (the old coordinator's late answer) is refused.
 4. After answering the step the device marks ``last``, the owner sends the device's trained
    copy to the coordinator (HALF_UPDATE), which averages the copies like the device halves.
 
@@ -38,7 +41,7 @@ import numpy as np
 
 from cloud.errors import SplitProtocolError
 from cloud.split_session import CloudHalf
-from cloud.split_steps import StepLedger, decode_activation, grad_scale
+from cloud.split_steps import StepLedger, decode_activation, grad_scale, session_of
 from converters.errors import TransportError, WireError
 from converters.mqtt import MqttConfig, MqttEndpoint
 from converters.tensor_codec import decode_tensors, encode_tensors
@@ -46,6 +49,15 @@ from converters.topics import Topics, validate_device_id
 from converters.wire import Envelope, MsgType, decode, encode
 
 log = logging.getLogger(__name__)
+
+
+HalfKey = tuple[str, int, str | None]  # (run, round, coordinator session; None: not named)
+
+
+def _who(env: Envelope, device: str, session: str | None) -> tuple:
+    """A device's identity in the step ledger: per run and, if the step names one, per
+    coordinator session (whose rounds and steps count again from 1)."""
+    return (env.run_id, device) if session is None else (env.run_id, session, device)
 
 
 class _RoundHalf:
@@ -108,14 +120,15 @@ class SplitStepWorker:
         self.endpoint = MqttEndpoint(mqtt)
         self._ledger = StepLedger()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._halves: dict[tuple[str, int], _RoundHalf] = {}
+        self._halves: dict[HalfKey, _RoundHalf] = {}  # in the order they were fetched
         self._fetched: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=f"steps-{self.id}", daemon=True)
         self._seq = 0
         self.steps_served = 0
         self.sessions: set[tuple[str, int, str]] = set()  # (run, round, device) owned
-        # (run, round, device) -> [step bytes received, reply bytes sent], reported with the copy
-        self._traffic: dict[tuple[str, int, str], list[int]] = {}
+        # (run, round, session, device) -> [step bytes received, reply bytes sent], reported
+        # with the copy
+        self._traffic: dict[tuple[str, int, str | None, str], list[int]] = {}
         self.rejected = 0
         self.duplicates = 0  # repeated or stale step messages, never trained on twice
         self.reasons: list[str] = []
@@ -161,13 +174,15 @@ class SplitStepWorker:
             step = env.meta.get("step")
             if not isinstance(step, int) or isinstance(step, bool) or step < 0:
                 raise WireError(f"meta.step must be an int >= 0, got {step!r}")
-        except WireError as exc:
+            session = session_of(env)
+        except (WireError, SplitProtocolError) as exc:
             self._reject(f"{topic}: {exc}")
             return
         if worker is not None and worker != self.id:
             return  # not ours (an overlapping subscription)
-        # Per run: a long-lived worker serves the rounds of later runs, whose steps count again.
-        seen = self._ledger.admit((env.run_id, device), (env.round, step, env.type))
+        # Per run and session: a long-lived worker serves later runs, and a restarted
+        # coordinator's session, whose rounds and steps count again.
+        seen = self._ledger.admit(_who(env, device, session), (env.round, step, env.type))
         if not isinstance(seen, bytes) and seen == StepLedger.NEW:
             self._work.put((device, env, len(payload)))
             return
@@ -208,7 +223,8 @@ class SplitStepWorker:
     def _loop(self) -> None:
         while (item := self._work.get()) is not None:
             device, env, size = item
-            traffic = self._traffic.setdefault((env.run_id, env.round, device), [0, 0])
+            session = session_of(env)  # checked on arrival
+            traffic = self._traffic.setdefault((env.run_id, env.round, session, device), [0, 0])
             traffic[0] += size
             try:
                 self._serve(device, env)
@@ -219,13 +235,15 @@ class SplitStepWorker:
                     MsgType.ERROR, env, {"error": reason[:500], "step": env.meta.get("step")}
                 )
                 key = (env.round, env.meta["step"], env.type)
-                self._ledger.answered((env.run_id, device), key, error, refused=True)
+                self._ledger.answered(_who(env, device, session), key, error, refused=True)
                 self._post(device, error)
             except Exception:  # a bug must not kill the worker's only compute thread
                 log.exception("%s: step from %s failed", self.id, device)
 
     def _round_half(self, env: Envelope) -> _RoundHalf:
-        key = (env.run_id, env.round)
+        """The cloud half the step's session sent for its round, asked for on first use."""
+        session = session_of(env)
+        key = (env.run_id, env.round, session)
         if key in self._halves:
             return self._halves[key]
         while not self._fetched.empty():  # answers to earlier, abandoned requests
@@ -239,16 +257,26 @@ class SplitStepWorker:
                 got = self._fetched.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise TransportError(
-                    f"no cloud half for run {env.run_id} round {env.round} from the coordinator "
-                    f"within {self.fetch_timeout} s"
+                    f"no cloud half for run {env.run_id} round {env.round} session {session!r} "
+                    f"from the coordinator within {self.fetch_timeout} s"
                 ) from None
             if got.type == MsgType.ERROR:
                 raise SplitProtocolError(f"coordinator refused: {got.meta.get('error')}")
-            if (got.run_id, got.round) == key:
+            if (got.run_id, got.round) == key[:2]:
                 break
-        self._halves = {k: v for k, v in self._halves.items() if k[0] == env.run_id}
-        for old in sorted(self._halves)[:-1]:  # keep the previous round for late steps
-            del self._halves[old]
+        theirs = got.meta.get("session")
+        if session is not None and theirs != session:
+            # Another coordinator session's half: the live coordinator answering a dead
+            # session's step, or the old coordinator's late answer. Training on it would grow
+            # this device's copy from the wrong parameters; waiting would stall every step.
+            raise SplitProtocolError(
+                f"HALF refused: meta.session must equal the step's session {session!r}, "
+                f"got {theirs!r}"
+            )
+        # Only recent halves stay: the one fetched before this (the previous round for late
+        # steps, or the other session of a restarted coordinator's repeated round).
+        kept = [k for k in self._halves if k[0] == env.run_id][-1:]
+        self._halves = {k: self._halves[k] for k in kept}
         self._halves[key] = _RoundHalf(got)
         self._qos = self._halves[key].step_qos
         return self._halves[key]
@@ -269,14 +297,17 @@ class SplitStepWorker:
             {"grad": grad * np.float32(scale) if scale != 1 else grad}, codec=rh.codec
         )
         reply = self._envelope(MsgType.GRADIENT, env, meta, body)
-        self._ledger.answered((env.run_id, device), (env.round, item.step, env.type), reply)
+        session = session_of(env)
+        self._ledger.answered(_who(env, device, session), (env.round, item.step, env.type), reply)
         self._post(device, reply)
-        key = (env.run_id, env.round, device)
+        key = (env.run_id, env.round, session, device)
         self._traffic.setdefault(key, [0, 0])[1] += len(reply)
         if env.meta.get("last") is True:
             params = rh.half.copies()[device]
             up_bytes, down_bytes = self._traffic.pop(key)
             meta = {"device": device, "step_bytes_up": up_bytes, "step_bytes_down": down_bytes}
+            if session is not None:  # the coordinator takes copies of its own session only
+                meta["session"] = session
             up = self._envelope(MsgType.HALF_UPDATE, env, meta,
                                 encode_tensors(params, codec="float32"))  # fmt: skip
             self.endpoint.send(self.topics.worker(self.id, "up"), up, timeout=60)

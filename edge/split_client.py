@@ -77,6 +77,14 @@ def _check_scale(scale, what: str) -> float:
     return float(scale)
 
 
+def _session_meta(model: Envelope) -> dict:
+    """``{"session": ...}`` of the MODEL's cloud session (empty if it named none): every message
+    of the round carries it, so a cloud restarted with the same run id, whose new session may
+    repeat the round number, never takes it for one of its own."""
+    session = model.meta.get("session")
+    return {"session": session} if isinstance(session, str) else {}
+
+
 def device_seed(device_id: str) -> int:
     """The device's base seed (process-independent, unlike Python's salted ``hash``)."""
     return zlib.crc32(device_id.encode()) % 2**31
@@ -305,7 +313,7 @@ class SplitClient(DeviceLink):
             type=kind,
             sender=self.id,
             seq=self._next_seq(),
-            meta={"step": step, **meta},
+            meta={"step": step, **meta, **_session_meta(env)},
             body=encode_tensors(tensors, codec=self._codec),
         )
         payload, topic = encode(msg), self._step_topic()
@@ -359,7 +367,7 @@ class SplitClient(DeviceLink):
                 self._grants.get_nowait()
         claim = env.reply(
             type=MsgType.STEP_CLAIM, sender=self.id, seq=self._next_seq(),
-            meta={"step": step, "claim": token},
+            meta={"step": step, "claim": token, **_session_meta(env)},
         )  # fmt: skip
         payload = encode(claim)
         while True:
@@ -502,7 +510,7 @@ class SplitClient(DeviceLink):
             type=MsgType.UPDATE,
             sender=self.id,
             seq=self._next_seq(),
-            meta={"num_samples": n, "metrics": metrics},
+            meta={"num_samples": n, "metrics": metrics, **_session_meta(env)},
             body=encode_tensors(new, codec="float32"),
         )
         self.endpoint.send(
@@ -635,6 +643,6 @@ class SplitClient(DeviceLink):
                 type=MsgType.ERROR,
                 sender=self.id,
                 seq=self._next_seq(),
-                meta={"error": reason[:500]},
+                meta={"error": reason[:500], **_session_meta(env)},
             )
             self.endpoint.publish_small(self.topics.up(self.id), encode(err))
