@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,8 @@ class DPFedAvg:
     sensitivity to one user is ``C / m`` however many clients answer); Gaussian noise with std
     ``z * C / m`` is added per coordinate. Integer buffers keep the global value. The Opacus
     accountant is stepped once per round with sample rate ``m / population``, which assumes
-    clients are Poisson-sampled with that rate (McMahan et al.'s analysis).
+    clients are Poisson-sampled with that rate (McMahan et al.'s analysis); a round that really
+    sampled at a higher rate passes it to :meth:`aggregate` and is accounted with it.
 
     With ``adaptive=True`` the clip follows the ``target_quantile`` of update norms (Andrew et
     al. 2021, "Differentially private learning with adaptive clipping"): the noisy fraction of
@@ -181,7 +183,9 @@ class DPFedAvg:
         """User-level epsilon spent so far, from the Opacus accountant."""
         return self.ledger.epsilon()
 
-    def aggregate(self, global_params: Params, updates: list) -> Params:
+    def aggregate(
+        self, global_params: Params, updates: list, *, sample_rate: float | None = None
+    ) -> Params:
         """Run one DP-FedAvg round and return the new global parameters.
 
         Args:
@@ -190,20 +194,29 @@ class DPFedAvg:
                 params are full models keyed like ``global_params``. Sample counts are
                 ignored: every client weighs 1/m so one user's influence is bounded. An
                 empty list still publishes a noise-only step, and it is accounted.
+            sample_rate: The rate at which this round really sampled clients, in (0, 1], when
+                it is not the planned ``clients_per_round / population`` (e.g. m clients were
+                drawn from fewer online ones). The budget check and the ledger use it; the
+                noise stays ``z * C / m`` (the sensitivity does not depend on the rate).
 
         Raises:
             PrivacyBudgetExceededError: ``target_epsilon`` would be exceeded by this round
                 (checked before anything changes).
+            PrivacyConfigError: ``sample_rate`` is not in (0, 1].
             UpdateRejectedError: An update has other keys or shapes, or non-finite values.
         """
+        rate = self.sample_rate if sample_rate is None else sample_rate
+        if not isinstance(rate, numbers.Real) or not 0 < rate <= 1:
+            raise PrivacyConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if self.target_epsilon is not None:
             after = self.ledger.epsilon_after(
-                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+                noise_multiplier=self.noise_multiplier, sample_rate=rate
             )
             if after > self.target_epsilon:
                 raise PrivacyBudgetExceededError(
                     f"epsilon would reach {after:.4g} > target_epsilon={self.target_epsilon} "
-                    f"in round {self.rounds + 1} (now {self.epsilon():.4g}); stop training"
+                    f"in round {self.rounds + 1} at sample_rate={rate:.4g} "
+                    f"(now {self.epsilon():.4g}); stop training"
                 )
         keys = [k for k, v in global_params.items() if _is_float(v)]
         total = {k: np.zeros(np.shape(global_params[k]), dtype=np.float64) for k in keys}
@@ -235,7 +248,7 @@ class DPFedAvg:
             noise = self._rng.normal(0.0, std, size=total[k].shape) if std > 0 else 0.0
             avg = (total[k] + noise) / m
             new[k] = (np.asarray(ref, dtype=np.float64) + avg).astype(np.asarray(ref).dtype)
-        self.ledger.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.ledger.step(noise_multiplier=self.noise_multiplier, sample_rate=float(rate))
         if self.adaptive:
             noisy = below + (self._rng.normal(0.0, self.count_noise) if self.count_noise else 0.0)
             self.clip_norm *= math.exp(-self.clip_lr * (noisy / m - self.target_quantile))

@@ -245,7 +245,8 @@ class FederatedServer:
 
     # -- rounds ----------------------------------------------------------------------------
 
-    def _select(self) -> list[str]:
+    def _select(self) -> tuple[list[str], int]:
+        """The round's devices, sampled from those online, and how many were online."""
         online = self.registry.online()
         if len(online) < self.config.min_clients:
             self.registry.wait_for(self.config.min_clients, timeout=self.config.register_timeout)
@@ -258,7 +259,7 @@ class FederatedServer:
                 f"round {self.round}: only {len(online)} device(s) online, "
                 f"min_clients is {cfg.min_clients}"
             )
-        return sorted(self.rng.choice(online, size=k, replace=False).tolist())
+        return sorted(self.rng.choice(online, size=k, replace=False).tolist()), len(online)
 
     def _round_config(self, selected: list[str]) -> dict:
         cfg = self.config
@@ -307,8 +308,10 @@ class FederatedServer:
         cfg = self.config
         t0 = time.monotonic()
         sent0, recv0 = self.endpoint.stats.bytes_sent, self.endpoint.stats.bytes_received
-        selected = self._select()
-        self.privacy.before_round(num_selected=len(selected), population=self._population())
+        selected, online = self._select()
+        # The devices really sampled from: user-level DP accounts m / online when that exceeds
+        # the planned m / population.
+        self.privacy.before_round(num_selected=len(selected), population=online)
         state = RoundState(round=self.round, selected=frozenset(selected))
         with self._state_lock:
             self._state = state
@@ -373,19 +376,34 @@ class FederatedServer:
         finally:
             with self._state_lock:
                 self._state = None
-        row = {"round": self.round, **outcome.counts(state)}
+        reason = outcome.reason
         if outcome.delta is not None:
+            # Sample-level DP: devices report their epsilon with the protected input, so it is
+            # known before the aggregate is applied. One bad report cannot be taken out of the
+            # sum, so it fails the whole round and the model stays.
+            metrics = {d: outcome.metrics.get(d, {}) for d in outcome.contributors}
+            rejected = self.privacy.admit_secure(metrics)
+            for why in rejected:
+                log.warning("rejected: %s", why)
+                state.reject(why)
+            if rejected:
+                n = len(outcome.contributors)
+                reason = (
+                    f"round {self.round}: {'; '.join(rejected)}; the aggregate of {n} device(s) "
+                    "is not applied, the previous model stays"
+                )
+        row = {"round": self.round, **outcome.counts(state)}
+        if outcome.delta is not None and reason is None:
             delta = unflatten_params(outcome.delta, self.params)
             self.params = {k: cast_like(v + delta[k], v) for k, v in self.params.items()}
             acc, loss = self._evaluate()
             row.update(status="ok", accuracy=acc, loss=loss)
         else:
-            log.warning("%s", outcome.reason)
-            row.update(status="failed", accuracy=None, loss=None, error=outcome.reason)
+            log.warning("%s", reason)
+            row.update(status="failed", accuracy=None, loss=None, error=reason)
         train_s = [float(m.get("train_seconds", 0.0)) for m in outcome.metrics.values()]
-        eps = [m["epsilon"] for m in outcome.metrics.values() if "epsilon" in m]
         row.update(
-            epsilon=max(eps, default=None),  # sample-level DP: devices report it with the input
+            epsilon=self.privacy.epsilon([]),  # the run's: largest any device has reported
             bytes_up=self.endpoint.stats.bytes_received - recv0,
             bytes_down=self.endpoint.stats.bytes_sent - sent0,
             seconds=time.monotonic() - t0,
@@ -394,8 +412,8 @@ class FederatedServer:
         return row
 
     def _population(self) -> int:
-        """Devices the round could sample from: the online ones (RoundPrivacy checks the
-        configured population against this)."""
+        """Devices the next round could sample from: the online ones (RoundPrivacy checks the
+        configured population against this and predicts the round's sampling rate)."""
         return len(self.registry.online())
 
     # -- checkpoint ------------------------------------------------------------------------
