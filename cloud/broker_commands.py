@@ -8,6 +8,12 @@ import threading
 from pathlib import Path
 
 
+def _dir_path(text: str) -> Path:
+    if not text:  # Path("") is the working directory
+        raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
+    return Path(text)
+
+
 def register_broker_commands(subparsers) -> None:
     """Adds ``broker-config`` and ``broker`` to the ``edgesplit`` parser."""
     p = subparsers.add_parser(
@@ -18,7 +24,7 @@ def register_broker_commands(subparsers) -> None:
             "lets each device write only its own uplink and read only its own downlink and ctrl."
         ),
     )
-    p.add_argument("--out", type=Path, required=True, help="directory to write into")
+    p.add_argument("--out", type=_dir_path, required=True, help="directory to write into")
     p.add_argument("--devices", required=True, help="comma-separated device ids, e.g. pi-01,pi-02")
     p.add_argument("--port", type=int, default=1883, help="listener port (default 1883)")
     p.add_argument("--bind", default="", help="listener address (default: all interfaces)")
@@ -72,6 +78,8 @@ def run_broker(args: argparse.Namespace, *, stop: threading.Event | None = None)
     if args.conf is not None:
         if args.embedded:
             raise ValueError("--conf runs Mosquitto; it cannot be combined with --embedded")
+        if not args.conf.is_file():
+            raise ValueError(f"--conf must be an existing mosquitto.conf, got {str(args.conf)!r}")
         broker = MosquittoBroker(conf_path=args.conf).start()
     else:
         broker = start_default_broker(

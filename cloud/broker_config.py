@@ -134,6 +134,14 @@ def write_mosquitto_config(
         problems.append(f"port must be in 1..65535, got {port}")
     if tls and not (cafile and certfile and keyfile):
         problems.append("tls=True needs cafile, certfile and keyfile")
+    tls_files = {"cafile": cafile, "certfile": certfile, "keyfile": keyfile}
+    for name, path in tls_files.items():
+        if path and not tls:
+            problems.append(f"{name} needs tls=True (--tls), got {path!r}")
+        elif path and not os.path.isfile(path):
+            problems.append(f"{name} must be an existing file, got {path!r}")
+    if not re.match(r"^[A-Za-z0-9.:_-]*$", bind):
+        problems.append(f"bind must be an IP address or host name, got {bind!r}")
     if problems:
         raise ValueError("; ".join(problems))
 

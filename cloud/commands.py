@@ -144,7 +144,7 @@ def _strategy_args(items: list[str]) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> FederatedConfig:
     """Builds the run config: defaults < run.toml < command-line flags."""
-    base = FederatedConfig.from_toml(args.config) if args.config else FederatedConfig()
+    base = FederatedConfig.from_toml(args.config) if args.config is not None else FederatedConfig()
     changes = {}
     for f in fields(FederatedConfig):
         value = getattr(args, f.name, None)
@@ -264,6 +264,8 @@ def run_cloud(args: argparse.Namespace) -> int:
     from converters.datasets import load_dataset, train_test_split
     from converters.mqtt import MqttConfig
 
+    if args.expect < 0:
+        raise ValueError(f"--expect must be >= 0, got {args.expect}")
     config = config_from_args(args)
     data = load_dataset(config.dataset, seed=config.seed)
     _, test = train_test_split(data, test_fraction=config.test_fraction, seed=config.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -20,11 +21,31 @@ DP_MODES = ("none", "sample", "user")
 SECURE_MODES = ("none", "secagg", "he-paillier")
 # Training topologies: "fedavg" is FederatedServer; the others run cloud.split_trainer.
 MODES = ("fedavg", "vanilla", "ushaped", "splitfed-v1", "splitfed-v2")
+CODECS = ("float32", "fp16", "int8")
+COMPRESSIONS = ("zlib", "zstd")
+# What each annotation of a field accepts (bool is never a number here: TOML `true` is no count).
+_KINDS = {
+    "int": (numbers.Integral, "an int"),
+    "float": (numbers.Real, "a number"),
+    "str": (str, "a string"),
+    "dict": (dict, "a table"),
+}
 
 
 def _check(cond: bool, name: str, rule: str, value) -> None:
     if not cond:
         raise ConfigError(f"{name} {rule}, got {value!r}")
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    kinds = annotation.split(" | ")
+    if value is None:
+        _check("None" in kinds, name, f"must be {_KINDS[kinds[0]][1]}", value)
+        return
+    ok = not isinstance(value, bool) and any(
+        isinstance(value, _KINDS[k][0]) for k in kinds if k != "None"
+    )
+    _check(ok, name, f"must be {_KINDS[kinds[0]][1]}", value)
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,8 @@ class FederatedConfig:
     step_qos: int = 1
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # types first: a TOML string must not reach a comparison
+            _check_type(f.name, f.type, getattr(self, f.name))
         _check(
             bool(_NAME.match(self.run_id)), "run_id", "must match [A-Za-z0-9_.-]{1,64}", self.run_id
         )
@@ -109,13 +132,30 @@ class FederatedConfig:
         )
         _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]", self.fraction)
         _check(self.min_clients >= 1, "min_clients", "must be >= 1", self.min_clients)
-        _check(self.round_timeout > 0, "round_timeout", "must be > 0 seconds", self.round_timeout)
-        _check(self.register_timeout > 0, "register_timeout", "must be > 0", self.register_timeout)
+        _check(
+            self.clients_per_round == 0 or self.clients_per_round >= self.min_clients,
+            "clients_per_round",
+            f"must be 0 (all) or >= min_clients={self.min_clients} (fewer fails every round)",
+            self.clients_per_round,
+        )
+        for name in ("round_timeout", "register_timeout"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, name, "must be a finite number > 0", value)
         _check(self.local_epochs >= 1, "local_epochs", "must be >= 1", self.local_epochs)
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
         _check(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0", self.lr)
         _check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
         _check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
+        _check(self.seed >= 0, "seed", "must be >= 0", self.seed)
+        _check(self.population >= 0, "population", "must be >= 0", self.population)
+        _check(self.codec in CODECS, "codec", f"must be one of {', '.join(CODECS)}", self.codec)
+        _check(
+            self.compress is None or self.compress in COMPRESSIONS,
+            "compress",
+            f"must be unset or one of {', '.join(COMPRESSIONS)}",
+            self.compress,
+        )
+        _check(bool(self.out_dir), "out_dir", "must be a non-empty path", self.out_dir)
         _check(self.dp in DP_MODES, "dp", f"must be one of {', '.join(DP_MODES)}", self.dp)
         _check(self.secure in SECURE_MODES, "secure", f"must be one of {SECURE_MODES}", self.secure)
         _check(0 < self.delta < 1, "delta", "must be in (0, 1)", self.delta)
@@ -131,10 +171,19 @@ class FederatedConfig:
             _check(one, "dp", "needs exactly one of noise_multiplier / target_epsilon", self.dp)
         _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}", self.mode)
         _check(
-            self.act_codec in ("float32", "fp16", "int8"),
+            self.act_codec in CODECS,
             "act_codec",
-            "must be one of float32, fp16, int8",
+            f"must be one of {', '.join(CODECS)}",
             self.act_codec,
+        )
+        for name in ("cut", "head_cut"):
+            value = getattr(self, name)
+            _check(value is None or self.mode != "fedavg", name, "needs a split mode", value)
+        _check(
+            self.secure == "none" or self.mode == "fedavg",
+            "secure",
+            f"needs mode 'fedavg' (split mode {self.mode!r} has no secure aggregation)",
+            self.secure,
         )
         _check(self.max_update_bytes > 0, "max_update_bytes", "must be > 0", self.max_update_bytes)
         _check(
@@ -273,9 +322,13 @@ class FederatedConfig:
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        return cls.from_dict(data.get("run", data))
+        except OSError as exc:
+            raise ConfigError(f"config {str(path)!r} cannot be read: {exc.strerror}") from None
+        table = data.get("run", data)
+        _check(isinstance(table, dict), f"{path}: [run]", "must be a table", table)
+        return cls.from_dict(table)
 
     def replace(self, **changes) -> FederatedConfig:
         return FederatedConfig.from_dict({**self.to_dict(), **changes})

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from converters.errors import ConfigError
+
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -18,7 +20,13 @@ class RunReport:
 
     def __init__(self, out_dir: str | Path) -> None:
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission
+            raise ConfigError(
+                f"out_dir must be a directory it can create or write, got {str(out_dir)!r} "
+                f"({exc.strerror})"
+            ) from None
         self.metrics_path = self.dir / "metrics.jsonl"
         self.rows: list[dict] = []
 

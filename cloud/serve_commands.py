@@ -61,12 +61,15 @@ def run_serve(args: argparse.Namespace) -> int:
     """
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.workers == 1:
         return _run_worker(args, args.worker_id)
+    ids = [f"{args.worker_id}-{i}" for i in range(args.workers)]
+    _check_start(args, ids[0])
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ids = [f"{args.worker_id}-{i}" for i in range(args.workers)]
     procs = {wid: _spawn(args, wid) for wid in ids}
     code = 0
     try:
@@ -90,6 +93,37 @@ def run_serve(args: argparse.Namespace) -> int:
     return code
 
 
+def _check_start(args: argparse.Namespace, worker_id: str) -> None:
+    """What would stop every worker at start (bad settings or split directory, unreachable
+    broker), found once here: one error instead of one traceback per worker."""
+    from converters.mqtt import MqttConfig, MqttEndpoint
+    from split.store import load_split
+
+    _service_config(args, worker_id)
+    load_split(args.directory)
+    probe = MqttEndpoint(MqttConfig.from_url(args.broker, client_id=worker_id))
+    try:
+        probe.connect()
+    finally:
+        probe.close()
+
+
+def _service_config(args: argparse.Namespace, worker_id: str):
+    from cloud.inference_service import ServiceConfig
+
+    return ServiceConfig(
+        directory=args.directory,
+        broker_url=args.broker,
+        worker_id=worker_id,
+        group=args.group,
+        prefix=args.prefix,
+        max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms,
+        qos=args.qos,
+        claim_timeout=args.claim_timeout,
+    )
+
+
 def _spawn(args: argparse.Namespace, worker_id: str) -> tuple[subprocess.Popen, float]:
     argv = [
         args.directory,
@@ -110,20 +144,10 @@ def _spawn(args: argparse.Namespace, worker_id: str) -> tuple[subprocess.Popen, 
 def _run_worker(args: argparse.Namespace, worker_id: str) -> int:
     import torch
 
-    from cloud.inference_service import InferenceService, ServiceConfig
+    from cloud.inference_service import InferenceService
 
     torch.set_num_threads(args.threads)
-    config = ServiceConfig(
-        directory=args.directory,
-        broker_url=args.broker,
-        worker_id=worker_id,
-        group=args.group,
-        prefix=args.prefix,
-        max_batch=args.max_batch,
-        max_delay_ms=args.max_delay_ms,
-        qos=args.qos,
-        claim_timeout=args.claim_timeout,
-    )
+    config = _service_config(args, worker_id)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

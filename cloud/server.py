@@ -453,13 +453,16 @@ class FederatedServer:
     def run(self, *, resume: bool = False) -> dict:
         """Runs the remaining rounds; returns the summary (also written to summary.json)."""
         cfg = self.config
-        if resume and self.ckpt_path.exists():
+        resumed = resume and self.ckpt_path.exists()
+        if resumed:
             self._resume()
-        else:
-            if resume:
-                log.info("--resume: no checkpoint at %s; starting at round 1", self.ckpt_path)
-            self.report.start_fresh()  # a new run in an old folder must not inherit its rows
+        elif resume:
+            log.info("--resume: no checkpoint at %s; starting at round 1", self.ckpt_path)
         self.endpoint.connect()
+        if not resumed:
+            # A new run in an old folder must not inherit its rows; only once connected, so an
+            # unreachable broker does not cost the old run's outputs.
+            self.report.start_fresh()
         self.endpoint.subscribe(self.topics.presence_wildcard(), self._on_presence)
         self.endpoint.subscribe(self.topics.up_wildcard(), self._on_up)
         stop_reason = None

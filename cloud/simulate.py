@@ -21,7 +21,7 @@ from cloud.broker import EmbeddedBroker, start_default_broker
 from cloud.config import FederatedConfig
 from cloud.server import FederatedServer
 from converters.federation_data import federated_split
-from converters.mqtt import MqttConfig
+from converters.mqtt import MqttConfig, MqttEndpoint
 from converters.partitioners import parse_scheme
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ def simulate(
         BrokerError: the broker could not be started.
         ValueError: a bad configuration value (one line naming it).
     """
+    if options.clients < config.min_clients:
+        raise ValueError(
+            f"clients must be >= min_clients={config.min_clients} (fewer fails every round), "
+            f"got {options.clients}"
+        )
     _, test = federated_split(
         config.dataset,
         clients=options.clients,
@@ -135,17 +140,13 @@ def simulate(
     else:
         url = options.broker_url
     procs: list[subprocess.Popen] = []
-    if not resume:
-        # Simulated devices are new devices: an earlier run's DP ledgers are not theirs.
-        shutil.rmtree(Path(config.out_dir) / "device-state", ignore_errors=True)
     try:
         if config.split_workers and isinstance(broker, EmbeddedBroker):
             raise ValueError(
                 "split_workers needs MQTT shared subscriptions, which the embedded broker lacks; "
                 "install mosquitto or pass --broker-kind mosquitto / --broker URL"
             )
-        procs = _spawn_step_workers(config, url)
-        procs += _spawn_workers(config, options, url)
+        # The trainer before any device: a bad model, strategy or cut fails here, alone.
         if config.mode == "fedavg":
             server = FederatedServer(
                 config,
@@ -156,6 +157,13 @@ def simulate(
             )
         else:
             server = _split_trainer(config, options, url, test, on_round)
+        if broker is None:
+            _probe_broker(url)  # unreachable: one error, not one traceback per device worker
+        if not resume:
+            # Simulated devices are new devices: an earlier run's DP ledgers are not theirs.
+            shutil.rmtree(Path(config.out_dir) / "device-state", ignore_errors=True)
+        procs = _spawn_step_workers(config, url)
+        procs += _spawn_workers(config, options, url)
         t0 = time.monotonic()
         summary = server.run(resume=resume)
         summary.update(
@@ -170,6 +178,15 @@ def simulate(
         _stop_workers(procs)
         if broker is not None:
             broker.stop()
+
+
+def _probe_broker(url: str) -> None:
+    """Connects to a given broker once; raises TransportError when it cannot be reached."""
+    endpoint = MqttEndpoint(MqttConfig.from_url(url, client_id="cloud"))
+    try:
+        endpoint.connect()
+    finally:
+        endpoint.close()
 
 
 def _split_trainer(config, options, url, test, on_round):

@@ -47,7 +47,7 @@ def resolve_cuts(config: FederatedConfig, model, spec) -> tuple[str, str | None]
 
     from split.graph import valid_cuts
 
-    cut = config.cut or spec.default_cut
+    cut = config.cut if config.cut is not None else spec.default_cut  # '' is no layer
     head_cut = config.head_cut
     if config.mode == "ushaped" and head_cut is None:
         head_cut = valid_cuts(model, torch.zeros(2, *spec.input_shape))[-1]
@@ -534,13 +534,14 @@ class SplitTrainer(SplitMessaging):
                 is no checkpoint.
         """
         cfg = self.config
-        if resume and self.ckpt_path.exists():
+        resumed = resume and self.ckpt_path.exists()
+        if resumed:
             self._resume()
-        else:
-            if resume:
-                log.info("--resume: no checkpoint at %s; starting at round 1", self.ckpt_path)
-            self.report.start_fresh()
+        elif resume:
+            log.info("--resume: no checkpoint at %s; starting at round 1", self.ckpt_path)
         self.endpoint.connect()
+        if not resumed:  # once connected: an unreachable broker must not cost the old outputs
+            self.report.start_fresh()
         self.endpoint.subscribe(self.topics.presence_wildcard(), self._on_presence)
         self.endpoint.subscribe(self.topics.up_wildcard(), self._on_up)
         if self.workers_mode:

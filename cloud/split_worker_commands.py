@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import threading
 
@@ -39,6 +40,8 @@ def run_split_worker(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not (math.isfinite(args.max_seconds) and args.max_seconds >= 0):
+        raise ValueError(f"--max-seconds must be a finite number >= 0, got {args.max_seconds}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     worker = SplitStepWorker(

@@ -41,8 +41,15 @@ def _registrars():
         yield getattr(module, attr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag in one line (argparse would print the whole usage above it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgesplit",
         description="Split and federated learning between devices and a cloud, over MQTT.",
     )
@@ -84,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"edgesplit {args.command}: error: {msg}", file=sys.stderr)
+        # One line: a library's multi-line message keeps its first line.
+        first = next((line for line in str(msg).splitlines() if line.strip()), repr(exc))
+        print(f"edgesplit {args.command}: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgesplit {args.command}: interrupted", file=sys.stderr)

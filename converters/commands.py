@@ -122,6 +122,8 @@ def export_split_dir(
         get_quantizer(name)  # unknown names fail before any work
     if calibration < 8:
         raise ConfigError(f"calibration must be >= 8 samples, got {calibration}")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
     directory = Path(directory)
     sm, _, manifest = load_split(directory)
     sm.eval()

@@ -137,7 +137,12 @@ class MqttEndpoint:
         if cfg.username is not None:
             c.username_pw_set(cfg.username, cfg.password)
         if cfg.use_tls:
-            c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key)
+            try:
+                c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key)
+            except OSError as exc:  # ssl.SSLError: not PEM, key does not match the certificate
+                files = {"tls_ca": cfg.tls_ca, "tls_cert": cfg.tls_cert, "tls_key": cfg.tls_key}
+                given = ", ".join(f"{k}={v!r}" for k, v in files.items() if v is not None)
+                raise ConfigError(f"TLS files must be loadable PEM, got {given}: {exc}") from None
         self._arm_will(c)
         c.max_inflight_messages_set(max(20, 4 * cfg.window))
         c.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_max)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field, fields
 from urllib.parse import unquote, urlparse
@@ -90,6 +91,10 @@ class MqttConfig:
             problems.append(f"retries must be >= 0, got {self.retries}")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key must be given together")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                problems.append(f"{name} must be an existing file, got {path!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -101,11 +106,19 @@ class MqttConfig:
     @classmethod
     def from_url(cls, url: str, *, client_id: str, **kw) -> MqttConfig:
         """Builds a config from ``mqtt://host:port`` or ``mqtts://user:pass@host:port``."""
-        u = urlparse(url)
+        try:
+            u = urlparse(url)
+            port = u.port
+        except ValueError as exc:  # "Port out of range 0-65535", "Invalid IPv6 URL"
+            raise ConfigError(
+                f"url must be mqtt[s]://[user:pass@]host[:port], got {url!r}: {exc}"
+            ) from None
         if u.scheme not in ("mqtt", "mqtts"):
             raise ConfigError(f"url scheme must be mqtt or mqtts, got {u.scheme!r} in {url!r}")
+        if port == 0:
+            raise ConfigError(f"url port must be in 1..65535, got 0 in {url!r}")
         tls = u.scheme == "mqtts"
-        base = {"host": u.hostname or "127.0.0.1", "port": u.port or (8883 if tls else 1883)}
+        base = {"host": u.hostname or "127.0.0.1", "port": port or (8883 if tls else 1883)}
         if tls:
             base["tls"] = True
         if u.username:

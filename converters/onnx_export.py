@@ -105,6 +105,11 @@ def export_edge(
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    import onnx
+
+    # Above what the installed onnx knows the exporter silently writes its default opset.
+    if opset > onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset must be <= {onnx.defs.onnx_opset_version()}, got {opset}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     path = Path(path)

@@ -46,6 +46,10 @@ def run_edge(args: argparse.Namespace) -> int:
     from converters.mqtt import MqttConfig
     from edge.agent import AgentOptions, DeviceAgent
 
+    state = Path(args.state_dir)
+    if not args.state_dir or (state.exists() and not state.is_dir()):
+        # Checked now: the DP ledger is first written mid-round.
+        raise ValueError(f"--state-dir must be a directory path, got {args.state_dir!r}")
     data = load_dataset(args.data)
     extra = {}
     if args.password is not None:

@@ -117,7 +117,10 @@ def _infer_command(args: argparse.Namespace) -> int:
         x = np.load(path, allow_pickle=False)
     except ValueError as exc:  # pickled object arrays, truncated files
         raise EdgeInputError(f"{path} is not a plain .npy array: {exc}") from None
-    if args.broker:
+    except OSError as exc:
+        msg = f"INPUT must be a readable .npy file, got {str(path)!r}: {exc.strerror}"
+        raise ValueError(msg) from None
+    if args.broker is not None:  # --broker '' is a bad URL, not "run here"
         from edge.remote_infer import infer_remote
 
         if not args.device_id:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
 
 # torch-side modules are imported inside the handler: a device install can still list commands.
 
 DIGITS_TEST_FRACTION = 0.25
+
+
+def _path(text: str) -> Path:
+    if not text:  # Path("") would be the working directory
+        raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
+    return Path(text)
 
 
 def register(subparsers) -> None:
@@ -24,8 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("model", help="zoo name (e.g. digits-cnn) or path/to/file.py:factory")
     p.add_argument("--cut", help="cut after this layer (default: the model's default cut)")
     p.add_argument("--head-cut", help="U-shaped: layers after this one stay on the device")
-    p.add_argument("--out", type=Path, help="split directory to write")
-    p.add_argument("--weights", type=Path, help="state dict (.pt) to load before splitting")
+    p.add_argument("--out", type=_path, help="split directory to write")
+    p.add_argument("--weights", type=_path, help="state dict (.pt) to load before splitting")
     p.add_argument("--train-epochs", type=int, default=0, help="train centrally first (digits)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling, data split")
     p.add_argument("--input-shape", help="per-sample input shape, e.g. 1,8,8 (file models)")
@@ -123,11 +130,23 @@ def run_split(args: argparse.Namespace) -> int:
     from split.store import save_split
     from split.zoo import build_model
 
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     shape = _parse_shape(args.input_shape)
     model, spec = build_model(args.model, seed=args.seed, input_shape=shape)
     example = torch.zeros((1, *spec.input_shape))
     if args.weights is not None:
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except OSError as exc:
+            msg = f"--weights must be a readable file, got {str(args.weights)!r}: {exc.strerror}"
+            raise ValueError(msg) from None
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a torch state dict
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"--weights must be a state dict saved by torch.save, got "
+                f"{str(args.weights)!r}: {first}"
+            ) from None
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -143,8 +162,8 @@ def run_split(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise ValueError("--out DIR is required to write a split (or pass --list-cuts)")
-    cut = args.cut or spec.default_cut
-    if not cut:
+    cut = args.cut if args.cut is not None else spec.default_cut  # --cut '' names no layer
+    if args.cut is None and not cut:
         from split.graph import valid_cuts
 
         raise ValueError(
