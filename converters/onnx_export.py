@@ -129,6 +129,7 @@ def export_edge(
     edge.eval()
     try:
         exporter, fallback_reason = _export(torch, edge, example, path, opset)
+        _ensure_opset(path, opset)
         reference = _torch_runner(torch, edge)
         _check_graph(path)
         rng = np.random.default_rng(0)
@@ -310,6 +311,38 @@ def _exception_chain(exc: BaseException) -> Sequence[BaseException]:
         chain.append(current)
         current = current.__cause__ or current.__context__
     return chain
+
+
+def _graph_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _ensure_opset(path: Path, opset: int) -> None:
+    """Makes the graph at ``path`` declare ``opset``: the dynamo exporter writes its own
+    minimum (18 with torch 2.x) whatever was asked, so a lower request goes through onnx's
+    version converter; a graph it cannot lower is an error, never a manifest that lies."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path))
+    actual = _graph_opset(model)
+    if actual == opset:
+        return
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises bare RuntimeErrors per unsupported op
+        raise ExportError(
+            f"opset {opset}: the exporter wrote opset {actual} and onnx's version converter "
+            f"cannot lower it ({describe_export_failure(exc)}); ask for opset >= {actual}"
+        ) from exc
+    if _graph_opset(converted) != opset:
+        raise ExportError(
+            f"opset {opset}: onnx's version converter gave opset {_graph_opset(converted)}; "
+            f"ask for opset >= {actual}"
+        )
+    onnx.save(converted, str(path))
+    log.info("edge graph lowered from opset %d to %d by onnx's version converter", actual, opset)
 
 
 def _check_graph(path: Path) -> None:

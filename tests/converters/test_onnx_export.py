@@ -131,3 +131,26 @@ def test_torchscript_fallback_when_dynamo_fails(tmp_path, monkeypatch, rng):
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         export_edge(nn.Linear(4, 2), tmp_path / "e.onnx", example_input=torch.randn(2, 4), **kwargs)
+
+
+@pytest.mark.parametrize("opset", [13, 14, 17, 18])
+def test_the_graph_declares_the_opset_the_report_names_or_export_fails(opset, tmp_path, rng):
+    # The dynamo exporter writes opset 18 whatever it is asked; a lower opset must be the
+    # graph's own (lowered by onnx's version converter), or the export must say it cannot be.
+    sm, spec = _edge_of("digits-cnn")
+    path = tmp_path / "edge.onnx"
+    try:
+        report = export_edge(
+            sm.edge, path, example_input=torch.zeros((2, *spec.input_shape)), opset=opset
+        )
+    except ExportError as exc:
+        assert str(exc).startswith(f"opset {opset}: the exporter wrote opset 18")
+        assert opset < 18
+        return
+    model = onnx.load(str(path))
+    declared = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    assert declared == [report.opset] == [opset]
+    x = rng.standard_normal((3, *spec.input_shape)).astype(np.float32)
+    with torch.no_grad():
+        want = sm.edge(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_ort(path, x), want, atol=1e-4, rtol=0)
