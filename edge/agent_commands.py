@@ -54,6 +54,8 @@ def run_edge(args: argparse.Namespace) -> int:
     extra = {}
     if args.password is not None:
         extra.update(username=args.username or args.device_id, password=args.password)
+    elif args.username is not None:  # MQTT allows a username alone (brokers with no password)
+        extra.update(username=args.username)
     if args.cafile:
         extra.update(tls=True, tls_ca=args.cafile)
     mqtt = MqttConfig.from_url(args.broker, client_id=args.device_id, **extra)

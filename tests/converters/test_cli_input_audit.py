@@ -327,3 +327,32 @@ def test_broker_conf_missing(capsys, tmp_path):
     missing = str(tmp_path / "mosquitto.conf")
     code, err = _run(capsys, "broker", "--conf", missing)
     _one_line(code, err, "--conf must be an existing mosquitto.conf", repr(missing))
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        (["--username", "alice"], ("alice", None)),
+        (["--username", "alice", "--password", "pw"], ("alice", "pw")),
+        (["--password", "pw"], ("d1", "pw")),  # the ACL's %u is the device id
+        ([], (None, None)),
+    ],
+)
+def test_edge_credentials_reach_the_broker_config(monkeypatch, tmp_path, flags, want):
+    import edge.agent
+
+    class BuiltError(Exception):
+        pass
+
+    seen = {}
+
+    def agent(*, options, mqtt, x, y):
+        seen["mqtt"] = mqtt
+        raise BuiltError
+
+    monkeypatch.setattr(edge.agent, "DeviceAgent", agent)
+    argv = ["edge", "--broker", "mqtt://127.0.0.1:1883", "--id", "d1", "--data", "synthetic:20",
+            "--state-dir", str(tmp_path), *flags]  # fmt: skip
+    with pytest.raises(BuiltError):
+        main(argv)
+    assert (seen["mqtt"].username, seen["mqtt"].password) == want
