@@ -11,7 +11,10 @@ from pathlib import Path
 def _dir_path(text: str) -> Path:
     if not text:  # Path("") is the working directory
         raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
-    return Path(text)
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be a directory, got {text!r} (a file)")
+    return path
 
 
 def register_broker_commands(subparsers) -> None:

@@ -230,6 +230,8 @@ def _load_data(manifest, spec: str | None, *, test_fraction: float, seed: int):
 
 
 def _export_command(args: argparse.Namespace) -> int:
+    if not Path(args.directory).is_dir():
+        raise ValueError(f"DIR must be a split directory, got {args.directory!r}")
     summary = export_split_dir(
         args.directory,
         quantize=args.quantize,

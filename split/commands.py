@@ -18,6 +18,13 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _out_dir(text: str) -> Path:
+    path = _path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be a directory, got {text!r} (a file)")
+    return path
+
+
 def register(subparsers) -> None:
     """Adds this package's subcommands to the ``edgesplit`` parser."""
     p = subparsers.add_parser(
@@ -31,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("model", help="zoo name (e.g. digits-cnn) or path/to/file.py:factory")
     p.add_argument("--cut", help="cut after this layer (default: the model's default cut)")
     p.add_argument("--head-cut", help="U-shaped: layers after this one stay on the device")
-    p.add_argument("--out", type=_path, help="split directory to write")
+    p.add_argument("--out", type=_out_dir, help="split directory to write")
     p.add_argument("--weights", type=_path, help="state dict (.pt) to load before splitting")
     p.add_argument("--train-epochs", type=int, default=0, help="train centrally first (digits)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling, data split")

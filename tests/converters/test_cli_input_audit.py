@@ -356,3 +356,19 @@ def test_edge_credentials_reach_the_broker_config(monkeypatch, tmp_path, flags, 
     with pytest.raises(BuiltError):
         main(argv)
     assert (seen["mqtt"].username, seen["mqtt"].password) == want
+
+
+@pytest.mark.parametrize(
+    ("argv", "parts"),
+    [
+        (["split", "digits-mlp", "--out", "{f}"], ("argument --out: must be a directory",)),
+        (["broker-config", "--devices", "2", "--out", "{f}"], ("argument --out", "(a file)")),
+        (["export", "{f}"], ("DIR must be a split directory", "{f}")),
+    ],
+)
+def test_a_file_where_a_directory_is_expected_names_the_flag(capsys, tmp_path, argv, parts):
+    f = tmp_path / "a-file"
+    f.write_text("keep me")
+    code, err = _run(capsys, *(a.format(f=f) for a in argv))
+    _one_line(code, err, *(p.format(f=f) for p in parts))
+    assert f.read_text() == "keep me"
