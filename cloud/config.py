@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -121,6 +122,8 @@ class FederatedConfig:
     step_qos: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.out_dir, os.PathLike):  # a Path from Python callers: keep it a str
+            object.__setattr__(self, "out_dir", os.fspath(self.out_dir))
         for f in fields(self):  # types first: a TOML string must not reach a comparison
             _check_type(f.name, f.type, getattr(self, f.name))
         _check(
@@ -132,10 +135,15 @@ class FederatedConfig:
         )
         _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]", self.fraction)
         _check(self.min_clients >= 1, "min_clients", "must be >= 1", self.min_clients)
+        # Federated rounds refuse to sample fewer than min_clients; split rounds accept
+        # min(min_clients, selected) updates, so one device per round stays possible there.
         _check(
-            self.clients_per_round == 0 or self.clients_per_round >= self.min_clients,
+            self.mode != "fedavg"
+            or self.clients_per_round == 0
+            or self.clients_per_round >= self.min_clients,
             "clients_per_round",
-            f"must be 0 (all) or >= min_clients={self.min_clients} (fewer fails every round)",
+            f"must be 0 (all) or >= min_clients={self.min_clients} in mode 'fedavg' (fewer fails "
+            "every round)",
             self.clients_per_round,
         )
         for name in ("round_timeout", "register_timeout"):

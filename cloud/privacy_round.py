@@ -68,16 +68,18 @@ class RoundPrivacy:
         """Builds DP-FedAvg on the first round and notes what the coming round samples from.
 
         Args:
-            num_selected: Devices the round samples; 0 before the selection, when the count
-                the server would sample from ``population`` is assumed (budget_exhausted
-                predicts the next round with it).
+            num_selected: Devices the round samples; 0 before the selection (budget_exhausted
+                then predicts the next round at the planned rate).
             population: Devices online, i.e. the ones the round samples from.
         """
         if self.mode != "user":
             return
         if self.dp_fedavg is None:
             self._build(population)
-        self._sampling = (num_selected or self._clients_for(population), population)
+        # Before the selection the count online may be a momentary dip (the server waits for
+        # min_clients): predict with the planned rate, which is the floor; the round's real
+        # rate is checked again once its devices are drawn.
+        self._sampling = (num_selected, population) if num_selected else None
 
     def _build(self, population: int) -> None:
         from cloud.dp_fedavg import DPFedAvg
@@ -159,6 +161,9 @@ class RoundPrivacy:
             )
         target = self.config.target_epsilon
         if target is not None and eps > target * (1 + 1e-6):
+            # The device released that update to the cloud all the same: the run's epsilon
+            # must show what it spent, although its update is refused.
+            self._record(dev, metrics)
             raise UpdateRejectedError(
                 f"device {dev}: epsilon {eps:.4g} exceeds target_epsilon={target}"
             )
@@ -191,8 +196,9 @@ class RoundPrivacy:
 
         The rules are :meth:`check_update`'s. The cloud holds only the sum of the inputs, so
         it cannot drop one device's input as the plain path drops one update: the caller
-        fails the round (the model stays) when this returns reasons. The valid epsilons are
-        recorded even then, since the cloud has already learned the sum.
+        fails the round (the model stays) when this returns reasons. The valid epsilons, and
+        one above the target, are recorded even then, since the cloud has already learned the
+        sum.
 
         Args:
             metrics: contributor -> the metrics it reported alongside its protected input.

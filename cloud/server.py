@@ -312,6 +312,9 @@ class FederatedServer:
         # The devices really sampled from: user-level DP accounts m / online when that exceeds
         # the planned m / population.
         self.privacy.before_round(num_selected=len(selected), population=online)
+        budget = self.privacy.budget_exhausted()  # at the rate of the devices really drawn
+        if budget:
+            raise PrivacyBudgetExceededError(budget.removeprefix("privacy budget: "))
         state = RoundState(round=self.round, selected=frozenset(selected))
         with self._state_lock:
             self._state = state

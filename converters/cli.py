@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from converters.provenance import check_packages
+from split.errors import one_line
 
 GROUP = "edgesplit.commands"
 # Modules only the cloud / training extra installs (a Raspberry Pi agent has none of them).
@@ -91,9 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        # One line: a library's multi-line message keeps its first line.
-        first = next((line for line in str(msg).splitlines() if line.strip()), repr(exc))
-        print(f"edgesplit {args.command}: error: {first}", file=sys.stderr)
+        text = one_line(str(msg)) or repr(exc)  # a library's multi-line message, on one line
+        print(f"edgesplit {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgesplit {args.command}: interrupted", file=sys.stderr)

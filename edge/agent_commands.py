@@ -55,7 +55,11 @@ def run_edge(args: argparse.Namespace) -> int:
     if args.password is not None:
         extra.update(username=args.username or args.device_id, password=args.password)
     elif args.username is not None:  # MQTT allows a username alone (brokers with no password)
+        # A password in the URL belongs to the URL's user: never send it with another name.
+        url_user = MqttConfig.from_url(args.broker, client_id=args.device_id).username
         extra.update(username=args.username)
+        if url_user != args.username:
+            extra.update(password=None)
     if args.cafile:
         extra.update(tls=True, tls_ca=args.cafile)
     mqtt = MqttConfig.from_url(args.broker, client_id=args.device_id, **extra)

@@ -7,6 +7,8 @@ import json
 import pickle
 from pathlib import Path
 
+from split.errors import one_line
+
 # torch-side modules are imported inside the handler: a device install can still list commands.
 
 DIGITS_TEST_FRACTION = 0.25
@@ -149,16 +151,15 @@ def run_split(args: argparse.Namespace) -> int:
             msg = f"--weights must be a readable file, got {str(args.weights)!r}: {exc.strerror}"
             raise ValueError(msg) from None
         except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a torch state dict
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = one_line(str(exc)) or type(exc).__name__
             raise ValueError(
                 f"--weights must be a state dict saved by torch.save, got "
-                f"{str(args.weights)!r}: {first}"
+                f"{str(args.weights)!r}: {why}"
             ) from None
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            msg = f"--weights {args.weights} does not fit {args.model!r}: {first}"
+            msg = f"--weights {args.weights} does not fit {args.model!r}: {one_line(str(exc))}"
             raise ValueError(msg) from None
     if args.list_cuts:
         infos = list_cuts(model, example)

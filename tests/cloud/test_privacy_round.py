@@ -31,6 +31,8 @@ def test_a_ledger_that_goes_down_or_overspends_is_rejected():
         rp.check_update(_update("a", 1.2))
     with pytest.raises(UpdateRejectedError, match="exceeds target_epsilon=3.0"):
         rp.check_update(_update("b", 3.5))
+    # Refused, but released to the cloud: the run's epsilon shows it.
+    assert rp.device_epsilon["b"] == 3.5 and rp.epsilon([]) == 3.5
     for bad in (None, -1.0, float("nan"), "2"):
         with pytest.raises(UpdateRejectedError, match="metrics.epsilon must be >= 0"):
             rp.check_update(_update("c", bad))

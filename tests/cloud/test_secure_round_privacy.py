@@ -88,8 +88,9 @@ def test_secure_rounds_report_the_runs_epsilon_and_enforce_the_ledger_rules(tmp_
     )
     rows = [row for row, _ in played]
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed", "ok"]
-    # The run's epsilon: the largest any device ever reported, never going down.
-    assert [r["epsilon"] for r in rows] == [2.0, 2.0, 2.0, 2.0, 2.5]
+    # The run's epsilon: the largest any device ever reported, never going down; an overspent
+    # report counts too (it was released to the cloud inside the sum).
+    assert [r["epsilon"] for r in rows] == [2.0, 2.0, 2.0, 3.5, 3.5]
 
     # A bad report fails the round in one line naming the device, the rule and the value, and
     # the summed update (which cannot be taken apart) is not applied.
@@ -103,8 +104,9 @@ def test_secure_rounds_report_the_runs_epsilon_and_enforce_the_ledger_rules(tmp_
     assert "device dev-d: metrics.epsilon must be >= 0, got nan" in err
     assert rows[3]["rejected"] == 2
 
-    # The valid reports of a failed round still count (the cloud learned their sum).
-    want = {"dev-a": 2.0, "dev-b": 1.6, "dev-c": 0.7, "dev-d": 2.5}
+    # The valid (and overspent) reports of a failed round still count: the cloud learned
+    # their sum.
+    want = {"dev-a": 2.0, "dev-b": 1.6, "dev-c": 3.5, "dev-d": 2.5}
     assert server.privacy.device_epsilon == want
 
     # The checkpoint carries the per-device ledger view; a resumed cloud keeps enforcing it.
@@ -112,7 +114,7 @@ def test_secure_rounds_report_the_runs_epsilon_and_enforce_the_ledger_rules(tmp_
     resumed = _server(tmp_path, held_out)
     resumed._resume()
     assert resumed.privacy.device_epsilon == want
-    (row, _), (low, _) = _play(resumed, [{"dev-c": 0.8}, {"dev-a": 1.9}])
-    assert row["status"] == "ok" and row["epsilon"] == 2.5
+    (row, _), (low, _) = _play(resumed, [{"dev-d": 2.6}, {"dev-a": 1.9}])
+    assert row["status"] == "ok" and row["epsilon"] == 3.5
     assert low["status"] == "failed" and "device dev-a: epsilon 1.9 < 2 it" in low["error"]
-    assert resumed.privacy.device_epsilon == {**want, "dev-c": 0.8}
+    assert resumed.privacy.device_epsilon == {**want, "dev-d": 2.6}

@@ -336,6 +336,10 @@ def test_broker_conf_missing(capsys, tmp_path):
         (["--username", "alice", "--password", "pw"], ("alice", "pw")),
         (["--password", "pw"], ("d1", "pw")),  # the ACL's %u is the device id
         ([], (None, None)),
+        (["--broker", "mqtt://alice:pw@127.0.0.1:1883"], ("alice", "pw")),
+        (["--broker", "mqtt://alice:pw@127.0.0.1:1883", "--username", "alice"], ("alice", "pw")),
+        # alice's password is never sent with bob's name
+        (["--broker", "mqtt://alice:pw@127.0.0.1:1883", "--username", "bob"], ("bob", None)),
     ],
 )
 def test_edge_credentials_reach_the_broker_config(monkeypatch, tmp_path, flags, want):
@@ -372,3 +376,23 @@ def test_a_file_where_a_directory_is_expected_names_the_flag(capsys, tmp_path, a
     code, err = _run(capsys, *(a.format(f=f) for a in argv))
     _one_line(code, err, *(p.format(f=f) for p in parts))
     assert f.read_text() == "keep me"
+
+
+def test_a_multi_line_error_keeps_every_reason_on_one_line(capsys, tmp_path):
+    factory = tmp_path / "net.py"
+    factory.write_text(
+        "def build():\n"
+        "    raise ValueError('factory setup failed\\n\\n  '\n"
+        "                     '\\x1b[31mthe real reason: no GPU\\x1b[0m')\n"
+    )
+    code, err = _run(capsys, "split", f"{factory}:build", "--input-shape", "1,8,8", "--list-cuts")
+    line = _one_line(code, err, "factory setup failed | the real reason: no GPU")
+    assert "\x1b" not in line
+
+
+def test_one_line_joins_cuts_and_strips_escapes():
+    from split.errors import one_line
+
+    assert one_line("a\n\n  b  c\n\x1b[1mD\x1b[0m") == "a | b c | D"
+    assert one_line("x" * 700, limit=20) == "x" * 17 + "..."
+    assert one_line("") == ""
