@@ -6,8 +6,12 @@ import argparse
 import json
 from dataclasses import fields
 
-from cloud.config import MODES, FederatedConfig
+from cloud.config import MODES, FederatedConfig, read_run_table
 from converters.errors import ConfigError
+
+# Settings that only mean something in a split mode: `--mode fedavg` drops the file's values
+# so a split run's run.toml can be reused for a federated one (no flag can unset them).
+_SPLIT_ONLY = ("cut", "head_cut")
 
 
 def register(subparsers) -> None:
@@ -143,8 +147,12 @@ def _strategy_args(items: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> FederatedConfig:
-    """Builds the run config: defaults < run.toml < command-line flags."""
-    base = FederatedConfig.from_toml(args.config) if args.config is not None else FederatedConfig()
+    """Builds the run config: defaults < run.toml < command-line flags.
+
+    The file and the flags are merged first and validated once, so a file that is only valid
+    together with the flags (``cut`` with ``--mode vanilla``) is accepted.
+    """
+    merged = read_run_table(args.config) if args.config is not None else {}
     changes = {}
     for f in fields(FederatedConfig):
         value = getattr(args, f.name, None)
@@ -154,9 +162,12 @@ def config_from_args(args: argparse.Namespace) -> FederatedConfig:
         changes["strategy_args"] = _strategy_args(args.strategy_arg)
     if changes.get("dp") == "none":
         changes.setdefault("noise_multiplier", None)
+    if changes.get("mode") == "fedavg":
+        for name in _SPLIT_ONLY:
+            changes.setdefault(name, None)
     if "run_id" in changes and "out_dir" not in changes:
         changes["out_dir"] = f"runs/{changes['run_id']}"
-    return base.replace(**changes)
+    return FederatedConfig.from_dict({**merged, **changes})
 
 
 class _Progress:

@@ -327,16 +327,26 @@ class FederatedConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> FederatedConfig:
         """Reads the ``[run]`` table of a TOML file (or the top level when there is none)."""
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"config {str(path)!r} cannot be read: {exc.strerror}") from None
-        table = data.get("run", data)
-        _check(isinstance(table, dict), f"{path}: [run]", "must be a table", table)
-        return cls.from_dict(table)
+        return cls.from_dict(read_run_table(path))
 
     def replace(self, **changes) -> FederatedConfig:
         return FederatedConfig.from_dict({**self.to_dict(), **changes})
+
+
+def read_run_table(path: str | Path) -> dict:
+    """The ``[run]`` table of a TOML file (or its top level when there is none), unvalidated:
+    the CLI merges its flags into it before :meth:`FederatedConfig.from_dict` checks the whole.
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid TOML/UTF-8, or ``[run]`` is no table.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config {str(path)!r} cannot be read: {exc.strerror}") from None
+    table = data.get("run", data)
+    _check(isinstance(table, dict), f"{path}: [run]", "must be a table", table)
+    return table
