@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +30,7 @@ OUTPUT_NAME = "activation"
 # Batch 1 and 7 catch exporters that specialised the batch dimension on the example batch of 2.
 BATCH_SIZES_CHECKED = (1, 2, 7)
 MIN_OPSET = 13
+DEFAULT_OPSET = 18
 _VERIFY_CHUNK = 256
 
 
@@ -38,7 +41,8 @@ class ExportReport:
     Attributes:
         path: The ONNX file written.
         opset: ONNX opset of the graph.
-        exporter: ``"dynamo"`` (torch.export based) or ``"torchscript"`` (legacy fallback).
+        exporter: ``"dynamo"`` (torch.export based) or ``"torchscript"`` (legacy exporter, used
+            when dynamo fails or writes a graph that cannot be lowered to ``opset``).
         max_abs_err_random: Max |onnxruntime - torch| over random inputs at every checked batch.
         max_abs_err_real: The same over ``real_inputs``, or None when none were given.
         batch_sizes_checked: Batch sizes run through both runtimes (random inputs).
@@ -47,7 +51,7 @@ class ExportReport:
         activation_shape: Per-sample output (cut activation) shape.
         size_bytes: Size of the ONNX file.
         sha256: Hex digest of the ONNX file.
-        fallback_reason: Why the dynamo exporter was abandoned, when it was.
+        fallback_reason: Why the dynamo exporter's graph was abandoned, when it was.
     """
 
     path: str
@@ -74,15 +78,18 @@ def export_edge(
     *,
     example_input: torch.Tensor,
     real_inputs: np.ndarray | None = None,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     tolerance: float = 1e-4,
 ) -> ExportReport:
     """Exports ``edge`` to a single ONNX file with a dynamic batch axis, then verifies it.
 
-    The torch.export-based (dynamo) exporter is tried first; if it fails, the legacy TorchScript
-    exporter is tried and the report says which one wrote the file. The graph is checked with
-    ``onnx.checker`` and run in onnxruntime against torch on seeded random inputs at batch sizes
-    1, 2 and 7 and on ``real_inputs`` when given.
+    The torch.export-based (dynamo) exporter is tried first. It writes its own opset (18) whatever
+    is asked, so a lower ``opset`` goes through onnx's version converter; if dynamo fails, or the
+    converter cannot lower its graph, the legacy TorchScript exporter writes ``opset`` instead and
+    the report says which one wrote the file. The graph is checked with ``onnx.checker`` and run
+    in onnxruntime against torch on seeded random inputs at batch sizes 1, 2 and 7 and on
+    ``real_inputs`` when given. The file is written beside ``path`` and moved onto it only when
+    every check passed, so a failed export leaves a previous file at ``path`` as it was.
 
     Args:
         edge: The edge half (put in eval mode for the export; its mode is restored after).
@@ -98,7 +105,8 @@ def export_edge(
 
     Raises:
         ExportError: The model cannot be exported (naming the unsupported op when one is to
-            blame) or the exported graph disagrees with torch by more than ``tolerance``.
+            blame), no exporter can write ``opset`` for it, or the exported graph disagrees with
+            torch by more than ``tolerance``.
         ValueError: A bad argument.
     """
     import torch
@@ -125,30 +133,41 @@ def export_edge(
                 f"got {tuple(real_inputs.shape)}"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside ``path`` (same filesystem, so the final move is atomic): a failed export or
+    # check must not replace the caller's previous file with a half-verified one.
+    fd, staged_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    staged = Path(staged_name)
     was_training = edge.training
     edge.eval()
     try:
-        exporter, fallback_reason = _export(torch, edge, example, path, opset)
-        _ensure_opset(path, opset)
-        reference = _torch_runner(torch, edge)
-        _check_graph(path)
-        rng = np.random.default_rng(0)
-        err_random = 0.0
-        for batch in BATCH_SIZES_CHECKED:
-            x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
-            err_random = max(err_random, max_abs_error(path, reference, x))
-        err_real = max_abs_error(path, reference, real_inputs) if real_inputs is not None else None
-        activation_shape = list(reference(example.numpy()).shape[1:])
+        try:
+            exporter, fallback_reason = _export(torch, edge, example, staged, opset)
+            reference = _torch_runner(torch, edge)
+            _check_graph(staged, path)
+            rng = np.random.default_rng(0)
+            err_random = 0.0
+            for batch in BATCH_SIZES_CHECKED:
+                x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
+                err_random = max(err_random, max_abs_error(staged, reference, x))
+            err_real = None
+            if real_inputs is not None:
+                err_real = max_abs_error(staged, reference, real_inputs)
+            activation_shape = list(reference(example.numpy()).shape[1:])
+        finally:
+            edge.train(was_training)
+        for label, err in (("random", err_random), ("real", err_real)):
+            if err is not None and not err <= tolerance:
+                raise ExportError(
+                    f"onnxruntime disagrees with torch on {label} inputs: max abs err {err:.3g} "
+                    f"> tolerance {tolerance:g} ({exporter} exporter, {path}); the edge half may "
+                    "hold a random or training-only layer active in eval mode"
+                )
+        data = staged.read_bytes()
+        os.replace(staged, path)
     finally:
-        edge.train(was_training)
-    for label, err in (("random", err_random), ("real", err_real)):
-        if err is not None and not err <= tolerance:
-            raise ExportError(
-                f"onnxruntime disagrees with torch on {label} inputs: max abs err {err:.3g} > "
-                f"tolerance {tolerance:g} ({exporter} exporter, {path}); the edge half may hold "
-                "a random or training-only layer active in eval mode"
-            )
-    data = path.read_bytes()
+        staged.unlink(missing_ok=True)
+        staged.with_name(staged.name + ".data").unlink(missing_ok=True)
     report = ExportReport(
         path=str(path),
         opset=opset,
@@ -216,43 +235,85 @@ def _torch_runner(torch, edge: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _export(torch, edge, example, path: Path, opset: int) -> tuple[str, str | None]:
-    """Writes ``path`` with the dynamo exporter, else TorchScript; returns (exporter, reason)."""
+    """Writes ``path`` declaring ``opset``; returns (exporter, why dynamo was abandoned or None).
+
+    The dynamo graph is kept when it declares ``opset`` or onnx's version converter lowers it
+    there; otherwise the TorchScript exporter, which writes any opset >= 7 natively, is tried.
+    """
+    dynamo_opset = None
     try:
-        _quietly(
-            torch.onnx.export,
-            edge,
-            (example,),
-            str(path),
-            dynamo=True,
-            external_data=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-        )
-        return "dynamo", None
+        _export_dynamo(torch, edge, example, path, opset)
     except Exception as exc:  # the exporter raises many unrelated types; all mean "fall back"
         dynamo_reason = describe_export_failure(exc)
         log.info("dynamo ONNX exporter failed (%s); trying the TorchScript exporter", dynamo_reason)
-    try:
-        _quietly(
-            torch.onnx.export,
-            edge,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    else:
+        dynamo_opset, lowering_failure = _ensure_opset(path, opset)
+        if lowering_failure is None:
+            return "dynamo", None
+        dynamo_reason = (
+            f"opset {opset}: the dynamo exporter wrote opset {dynamo_opset} and onnx's version "
+            f"converter cannot lower it ({lowering_failure})"
         )
-        return "torchscript", dynamo_reason
+        log.info("%s; trying the TorchScript exporter", dynamo_reason)
+    try:
+        _export_torchscript(torch, edge, example, path, opset)
+        written = _graph_opset(_load(path))
     except Exception as exc:
+        if dynamo_opset is None:
+            raise ExportError(
+                f"cannot export the edge half to ONNX opset {opset}: dynamo exporter: "
+                f"{dynamo_reason}; TorchScript exporter: {describe_export_failure(exc)}; replace "
+                "that op or choose a cut whose edge half avoids it"
+            ) from exc
         raise ExportError(
-            f"cannot export the edge half to ONNX opset {opset}: dynamo exporter: "
-            f"{dynamo_reason}; TorchScript exporter: {describe_export_failure(exc)}; replace "
-            "that op or choose a cut whose edge half avoids it"
+            f"{dynamo_reason}; the TorchScript exporter failed too "
+            f"({describe_export_failure(exc)}); {_opset_hint(dynamo_opset)}"
         ) from exc
+    if written != opset:  # never a report (and manifest) naming an opset the graph lacks
+        if dynamo_opset is None:
+            raise ExportError(
+                f"opset {opset}: dynamo exporter: {dynamo_reason}; the TorchScript exporter "
+                f"wrote opset {written}"
+            )
+        raise ExportError(
+            f"{dynamo_reason}; the TorchScript exporter wrote opset {written}; "
+            f"{_opset_hint(dynamo_opset)}"
+        )
+    return "torchscript", dynamo_reason
+
+
+def _opset_hint(opset: int) -> str:
+    default = " (the default)" if opset == DEFAULT_OPSET else ""
+    return f"ask for opset {opset}{default}, which the dynamo exporter writes without conversion"
+
+
+def _export_dynamo(torch, edge, example, path: Path, opset: int) -> None:
+    _quietly(
+        torch.onnx.export,
+        edge,
+        (example,),
+        str(path),
+        dynamo=True,
+        external_data=False,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+    )
+
+
+def _export_torchscript(torch, edge, example, path: Path, opset: int) -> None:
+    _quietly(
+        torch.onnx.export,
+        edge,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )
 
 
 # Loggers the exporter chats on (optimizer passes at INFO, "torchvision is not installed" at
@@ -317,43 +378,62 @@ def _graph_opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _ensure_opset(path: Path, opset: int) -> None:
-    """Makes the graph at ``path`` declare ``opset``: the dynamo exporter writes its own
-    minimum (18 with torch 2.x) whatever was asked, so a lower request goes through onnx's
-    version converter; a graph it cannot lower is an error, never a manifest that lies."""
+# onnx's version converter: "... adapter_lookup: Assertion `false` failed: No Adapter From
+# Version $14 for Reshape" (the C++ source line is noise to a user).
+_NO_ADAPTER = re.compile(r"No Adapter From Version \$(\d+) for (\w+)")
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _ensure_opset(path: Path, opset: int) -> tuple[int, str | None]:
+    """Makes the graph at ``path`` declare ``opset`` with onnx's version converter.
+
+    The dynamo exporter writes its own opset (18 with torch 2.x) whatever was asked, and the
+    manifest must never name an opset the graph does not declare.
+
+    Returns:
+        (the opset the graph was written at, None) when ``path`` now declares ``opset``, else
+        (that opset, a one-line reason the converter could not lower it); ``path`` is then
+        left as written.
+    """
     import onnx
     from onnx import version_converter
 
-    model = onnx.load(str(path))
+    model = _load(path)
     actual = _graph_opset(model)
     if actual == opset:
-        return
+        return actual, None
     try:
         converted = version_converter.convert_version(model, opset)
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises bare RuntimeErrors per unsupported op
-        raise ExportError(
-            f"opset {opset}: the exporter wrote opset {actual} and onnx's version converter "
-            f"cannot lower it ({describe_export_failure(exc)}); ask for opset >= {actual}"
-        ) from exc
+        match = _NO_ADAPTER.search(str(exc))
+        if match:
+            return actual, f"no {match.group(2)} adapter below opset {match.group(1)}"
+        return actual, describe_export_failure(exc)
     if _graph_opset(converted) != opset:
-        raise ExportError(
-            f"opset {opset}: onnx's version converter gave opset {_graph_opset(converted)}; "
-            f"ask for opset >= {actual}"
-        )
+        return actual, f"it gave opset {_graph_opset(converted)}"
     onnx.save(converted, str(path))
     log.info("edge graph lowered from opset %d to %d by onnx's version converter", actual, opset)
+    return actual, None
 
 
-def _check_graph(path: Path) -> None:
+def _check_graph(path: Path, destination: Path) -> None:
+    """Checks the staged graph at ``path``; messages name ``destination``, the file asked for."""
     import onnx
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx raises ValidationError, InferenceError, ...
-        raise ExportError(f"exported graph {path} fails onnx.checker: {exc}") from exc
+        raise ExportError(f"exported graph for {destination} fails onnx.checker: {exc}") from exc
     if path.with_name(path.name + ".data").exists():
-        raise ExportError(f"exporter wrote external weights next to {path}; expected one file")
+        raise ExportError(
+            f"exporter wrote external weights beside the graph for {destination}; expected one file"
+        )
 
 
 def _session(onnx_path: str | Path):
