@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 CLOUD_ID = "cloud"
 
 
+def _session(env: Envelope) -> str | None:
+    """The session a step or HALF_REQUEST names, echoed in its reply (None: it names none)."""
+    session = env.meta.get("session")
+    return session if isinstance(session, str) else None
+
+
 def _count(value) -> int:
     """A byte count a worker reported, or 0 if it is not a non-negative int."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -111,9 +117,13 @@ class SplitMessaging:
         tensors=None,
         *,
         answers: StepKey | None = None,
+        session: str | None = None,
     ) -> None:
         """Sends a step reply; one frame goes out at once, unacked (the device resends the
-        step if it is lost, and the ledger answers the repeat with this same payload)."""
+        step if it is lost, and the ledger answers the repeat with this same payload).
+        ``session`` is the step's: echoed, so a device takes replies of its own session only."""
+        if session is not None:
+            meta = {**meta, "session": session}
         body = b""
         if tensors is not None:
             body = encode_tensors(tensors, codec=self.config.act_codec)
@@ -158,6 +168,7 @@ class SplitMessaging:
         step=None,
         round_=0,
         answers: StepKey | None = None,
+        session: str | None = None,
     ) -> None:
         log.warning("rejected: %s", reason)
         state = self._current()
@@ -168,7 +179,7 @@ class SplitMessaging:
         if device is not None and isinstance(step, int):
             # The device is waiting on this step: tell it, so it does not wait out its timeout.
             meta = {"error": reason[:500], "step": step}
-            self._post(device, MsgType.ERROR, round_, meta, answers=answers)
+            self._post(device, MsgType.ERROR, round_, meta, answers=answers, session=session)
 
     def _drop(self, device: str) -> None:
         self.half.drop(device)
@@ -257,7 +268,8 @@ class SplitMessaging:
         is_step = env.type in (MsgType.ACTIVATION, MsgType.LOGIT_GRADIENT)
         if is_step and isinstance(step, int) and not isinstance(step, bool):
             # Not recorded in the ledger: this session's own step of that number stays new.
-            self._post(device, MsgType.ERROR, env.round, {"error": reason[:500], "step": step})
+            meta = {"error": reason[:500], "step": step}
+            self._post(device, MsgType.ERROR, env.round, meta, session=_session(env))
 
     def _admit_step(self, device: str, env: Envelope, state: RoundState) -> bool:
         """True for a new step message; a repeat is counted and never trained on twice: the
@@ -306,7 +318,9 @@ class SplitMessaging:
         step = env.meta.get("step")
         step = step if isinstance(step, int) and not isinstance(step, bool) else None
         key = None if step is None else (env.round, step, env.type)
-        self._reject(reason, device=device, step=step, round_=env.round, answers=key)
+        self._reject(
+            reason, device=device, step=step, round_=env.round, answers=key, session=_session(env)
+        )
 
     def _on_update(self, device: str, env: Envelope, state: RoundState) -> None:
         num = env.meta.get("num_samples")
@@ -341,14 +355,22 @@ class SplitMessaging:
         except WireError as exc:
             self._reject(f"{topic}: {exc}")
             return
-        state, pool = self._current(), self._pool
+        state = self._current()
+        asked = env.meta.get("session", self.session)
+        if env.type == MsgType.HALF_REQUEST and asked != self.session:
+            # A worker serving a step of another session (a coordinator restarted with the
+            # same run id repeats round numbers): that session's half is not this one.
+            reason = (
+                f"HALF_REQUEST from worker {worker} round {env.round}: meta.session must be "
+                f"this cloud's session {self.session!r}, got {repr(asked)[:80]}"
+            )
+            self._refuse_half(worker, env, reason)
+            return
         if state is None or env.round != state.round:
             log.info("%s from worker %s for round %d outside its round; ignored",
                      env.type.name, worker, env.round)  # fmt: skip
-            if env.type == MsgType.HALF_REQUEST and pool is not None:
-                err = {"error": f"round {env.round} is not running"}
-                pool.submit(self._send_worker, worker,
-                            self._envelope(MsgType.ERROR, env.round, err))  # fmt: skip
+            if env.type == MsgType.HALF_REQUEST:
+                self._refuse_half(worker, env, f"round {env.round} is not running")
             return
         if env.type == MsgType.HALF_REQUEST:
             cfg = self.config
@@ -357,7 +379,7 @@ class SplitMessaging:
                     "act_codec": cfg.act_codec, "num_classes": self.spec.num_classes,
                     "step_qos": cfg.step_qos}  # fmt: skip
             reply = self._envelope(MsgType.HALF, state.round, meta, self._half_body)
-            if pool is not None:
+            if (pool := self._pool) is not None:
                 pool.submit(self._send_worker, worker, reply)
             return
         if env.type != MsgType.HALF_UPDATE:
@@ -386,6 +408,18 @@ class SplitMessaging:
             self._step_bytes[0] += _count(env.meta.get("step_bytes_up"))
             self._step_bytes[1] += _count(env.meta.get("step_bytes_down"))
             state.cond.notify_all()
+
+    def _refuse_half(self, worker: str, env: Envelope, reason: str) -> None:
+        """Answers a HALF_REQUEST with an ERROR echoing the session it asked for: the worker
+        tells this answer from a late one to an earlier request of another session."""
+        log.info("%s; refused", reason)
+        pool = self._pool
+        if pool is None:
+            return  # the run is over: nobody waits for this answer any more
+        err = {"error": reason[:500]}
+        if (session := _session(env)) is not None:
+            err["session"] = session
+        pool.submit(self._send_worker, worker, self._envelope(MsgType.ERROR, env.round, err))
 
     # -- the cloud half (compute thread) ---------------------------------------------------
 
@@ -419,6 +453,7 @@ class SplitMessaging:
                     step=it.step,
                     round_=env.round,
                     answers=(env.round, it.step, kind),
+                    session=_session(env),
                 )
             return
         for it, env, g in zip(items, envs, grads, strict=True):
@@ -427,5 +462,6 @@ class SplitMessaging:
                 meta["scale"] = scale = grad_scale(g, self.config.act_codec)
                 g = g * np.float32(scale) if scale != 1 else g
             self._post(
-                it.device, reply, env.round, meta, {names: g}, answers=(env.round, it.step, kind)
-            )
+                it.device, reply, env.round, meta, {names: g},
+                answers=(env.round, it.step, kind), session=_session(env),
+            )  # fmt: skip

@@ -16,8 +16,9 @@ workers, any number of them, on any machine that reaches the broker:
 3. The first step of a round it has not seen makes a worker ask the coordinator for that
    round's cloud half (HALF_REQUEST -> HALF, point to point on ``<prefix>/workers/<id>/...``).
    Steps name the coordinator's session (``meta.session``, from MODEL): a coordinator restarted
-   with the same run id repeats round numbers, so halves and the step ledger are per session,
-   and a HALF of another session than the step's (the old coordinator's late answer) is refused.
+   with the same run id repeats round numbers, so halves and the step ledger are per session;
+   HALF_REQUEST names the step's session; a HALF of another session (the old coordinator's
+   late answer) is skipped while the worker waits for its own. Step replies echo the session.
 4. After answering the step the device marks ``last``, the owner sends the device's trained
    copy to the coordinator (HALF_UPDATE), which averages the copies like the device halves.
 
@@ -231,9 +232,10 @@ class SplitStepWorker:
             except (WireError, SplitProtocolError, TransportError, ValueError, KeyError) as exc:
                 reason = f"ACTIVATION from {device} step {env.meta.get('step')}: {exc}"
                 self._reject(reason)
-                error = self._envelope(
-                    MsgType.ERROR, env, {"error": reason[:500], "step": env.meta.get("step")}
-                )
+                meta = {"error": reason[:500], "step": env.meta.get("step")}
+                if session is not None:  # the device takes replies of its own session only
+                    meta["session"] = session
+                error = self._envelope(MsgType.ERROR, env, meta)
                 key = (env.round, env.meta["step"], env.type)
                 self._ledger.answered(_who(env, device, session), key, error, refused=True)
                 self._post(device, error)
@@ -249,30 +251,37 @@ class SplitStepWorker:
         while not self._fetched.empty():  # answers to earlier, abandoned requests
             self._fetched.get_nowait()
         req = Envelope(type=MsgType.HALF_REQUEST, run_id=env.run_id, round=env.round,
-                       sender=self.id, seq=self._next_seq(), meta={})  # fmt: skip
+                       sender=self.id, seq=self._next_seq(),
+                       meta={} if session is None else {"session": session})  # fmt: skip
         self.endpoint.send(self.topics.worker(self.id, "up"), encode(req), timeout=10)
         deadline = time.monotonic() + self.fetch_timeout
+        skipped = ""
         while True:
             try:
                 got = self._fetched.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise TransportError(
                     f"no cloud half for run {env.run_id} round {env.round} session {session!r} "
-                    f"from the coordinator within {self.fetch_timeout} s"
+                    f"from the coordinator within {self.fetch_timeout} s{skipped}"
                 ) from None
+            if (got.run_id, got.round) != key[:2]:
+                continue
+            theirs = got.meta.get("session")
+            # The coordinator's ERROR echoes the session asked for; one naming another
+            # session answers an earlier request, like a HALF of another session: the old
+            # coordinator's late answer, which must not cost the live session's step. The
+            # live coordinator names ours in both; the wait stays bounded by fetch_timeout.
+            named = got.type == MsgType.HALF or "session" in got.meta
+            if session is not None and named and theirs != session:
+                skipped = (
+                    f"; skipped a {got.type.name}: meta.session must equal the step's "
+                    f"session {session!r}, got {repr(theirs)[:80]}"
+                )
+                log.info("%s: %s", self.id, skipped[2:])
+                continue
             if got.type == MsgType.ERROR:
                 raise SplitProtocolError(f"coordinator refused: {got.meta.get('error')}")
-            if (got.run_id, got.round) == key[:2]:
-                break
-        theirs = got.meta.get("session")
-        if session is not None and theirs != session:
-            # Another coordinator session's half: the live coordinator answering a dead
-            # session's step, or the old coordinator's late answer. Training on it would grow
-            # this device's copy from the wrong parameters; waiting would stall every step.
-            raise SplitProtocolError(
-                f"HALF refused: meta.session must equal the step's session {session!r}, "
-                f"got {theirs!r}"
-            )
+            break
         # Only recent halves stay: the one fetched before this (the previous round for late
         # steps, or the other session of a restarted coordinator's repeated round).
         kept = [k for k in self._halves if k[0] == env.run_id][-1:]
@@ -293,11 +302,13 @@ class SplitStepWorker:
         scale = grad_scale(grad, rh.codec)
         meta = {"step": item.step, "epoch": env.meta.get("epoch", 0), "scale": scale,
                 "worker": self.id}  # fmt: skip
+        session = session_of(env)
+        if session is not None:  # the device takes replies of its own session only
+            meta["session"] = session
         body = encode_tensors(
             {"grad": grad * np.float32(scale) if scale != 1 else grad}, codec=rh.codec
         )
         reply = self._envelope(MsgType.GRADIENT, env, meta, body)
-        session = session_of(env)
         self._ledger.answered(_who(env, device, session), (env.round, item.step, env.type), reply)
         self._post(device, reply)
         key = (env.run_id, env.round, session, device)

@@ -168,6 +168,7 @@ class SplitClient(DeviceLink):
         self._claim: str | None = None  # the open claim's token
         # (run_id, round, step, reply type) awaited; ERROR for that step is accepted too.
         self._pending: tuple[str, int, int, MsgType] | None = None
+        self._pending_session: str | None = None  # the MODEL session of the step in hand
         self._done: set[tuple] = set()
         self._rng = np.random.default_rng([options.seed, device_seed(self.id)])
         self._halves = None  # (model_ref, cut, head_cut) -> torch modules, built lazily
@@ -235,18 +236,24 @@ class SplitClient(DeviceLink):
         """Hands the reply to the step in hand to the training thread; any other is ignored
         (counted with its reason, logged at INFO): a repeat, a stale reply to an earlier step,
         or, with step workers, a reply from a worker that does not own the session (a resent
-        first step may reach a second worker). None of them is ever taken as the answer."""
+        first step may reach a second worker), or a reply naming another cloud session than
+        the round's (a restarted cloud repeats run, round and step numbers; a reply naming no
+        session is an older cloud's and taken). None of them is ever taken as the answer."""
         step = env.meta.get("step")
         key = (env.run_id, env.round, step)
+        theirs = env.meta.get("session")
         with self._lock:
             pending, owner = self._pending, self._worker if self._via_workers else None
+            mine = self._pending_session
             answerer = env.meta.get("worker", env.sender)
             foreign = owner is not None and answerer != owner
+            other = theirs is not None and theirs != mine
             taken = (
                 pending is not None
                 and key == pending[:3]
                 and env.type in (pending[3], MsgType.ERROR)
                 and not foreign
+                and not other
             )
             if taken:  # one reply per step: a repeat that follows is refused
                 self._pending = None
@@ -259,7 +266,12 @@ class SplitClient(DeviceLink):
             else f"{pending[3].name} for run {pending[0]} round {pending[1]} step {pending[2]}"
         )
         where = f"(run {env.run_id} round {env.round})"
-        if pending is not None and key == pending[:3] and foreign:
+        if pending is not None and key == pending[:3] and other:
+            reason = (
+                f"{env.type.name} for step {step!r} {where} of session {repr(theirs)[:80]}, "
+                f"but the round's session is {mine!r}: ignored"
+            )
+        elif pending is not None and key == pending[:3] and foreign:
             reason = (
                 f"{env.type.name} for step {step!r} {where} from step worker {answerer!r}, but "
                 f"{owner!r} owns this session: ignored"
@@ -305,6 +317,7 @@ class SplitClient(DeviceLink):
         """Sends one step message and returns the cloud's ``want`` (or ERROR) reply to it."""
         with self._lock:
             self._pending = (env.run_id, env.round, step, want)
+            self._pending_session = _session_meta(env).get("session")
         # Drop stale replies of a previous step (e.g. one that timed out).
         with contextlib.suppress(queue.Empty):
             while True:
