@@ -233,8 +233,6 @@ class SplitStepWorker:
                 reason = f"ACTIVATION from {device} step {env.meta.get('step')}: {exc}"
                 self._reject(reason)
                 meta = {"error": reason[:500], "step": env.meta.get("step")}
-                if session is not None:  # the device takes replies of its own session only
-                    meta["session"] = session
                 error = self._envelope(MsgType.ERROR, env, meta)
                 key = (env.round, env.meta["step"], env.type)
                 self._ledger.answered(_who(env, device, session), key, error, refused=True)
@@ -303,8 +301,6 @@ class SplitStepWorker:
         meta = {"step": item.step, "epoch": env.meta.get("epoch", 0), "scale": scale,
                 "worker": self.id}  # fmt: skip
         session = session_of(env)
-        if session is not None:  # the device takes replies of its own session only
-            meta["session"] = session
         body = encode_tensors(
             {"grad": grad * np.float32(scale) if scale != 1 else grad}, codec=rh.codec
         )
@@ -317,8 +313,6 @@ class SplitStepWorker:
             params = rh.half.copies()[device]
             up_bytes, down_bytes = self._traffic.pop(key)
             meta = {"device": device, "step_bytes_up": up_bytes, "step_bytes_down": down_bytes}
-            if session is not None:  # the coordinator takes copies of its own session only
-                meta["session"] = session
             up = self._envelope(MsgType.HALF_UPDATE, env, meta,
                                 encode_tensors(params, codec="float32"))  # fmt: skip
             self.endpoint.send(self.topics.worker(self.id, "up"), up, timeout=60)
@@ -330,6 +324,11 @@ class SplitStepWorker:
         return self._seq
 
     def _envelope(self, msg_type: MsgType, env: Envelope, meta: dict, body: bytes = b"") -> bytes:
+        """A message about the step ``env``; it names the step's session when the step did
+        (devices take replies, and the coordinator takes copies, of their own session only)."""
+        session = env.meta.get("session")
+        if isinstance(session, str):
+            meta = {**meta, "session": session}
         out = Envelope(type=msg_type, run_id=env.run_id, round=env.round, sender=self.id,
                        seq=self._next_seq(), meta=meta, body=body)  # fmt: skip
         return encode(out)
