@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,13 @@ def run_edge(args: argparse.Namespace) -> int:
         # Checked now: the DP ledger is first written mid-round.
         raise ValueError(f"--state-dir must be a directory path, got {args.state_dir!r}")
     data = load_dataset(args.data)
-    extra = {}
-    if args.password is not None:
-        extra.update(username=args.username or args.device_id, password=args.password)
-    elif args.username is not None:  # MQTT allows a username alone (brokers with no password)
-        # A password in the URL belongs to the URL's user: never send it with another name.
-        url_user = MqttConfig.from_url(args.broker, client_id=args.device_id).username
-        extra.update(username=args.username)
-        if url_user != args.username:
-            extra.update(password=None)
-    if args.cafile:
-        extra.update(tls=True, tls_ca=args.cafile)
+    extra = {"tls": True, "tls_ca": args.cafile} if args.cafile else {}
     mqtt = MqttConfig.from_url(args.broker, client_id=args.device_id, **extra)
+    if args.password is not None:
+        mqtt = replace(mqtt, username=args.username or args.device_id, password=args.password)
+    elif args.username is not None and args.username != mqtt.username:
+        # MQTT allows a username alone; a password in the URL belongs to the URL's user.
+        mqtt = replace(mqtt, username=args.username, password=None)
     if args.split:
         from edge.split_client import SplitClient, SplitClientOptions
 
