@@ -96,16 +96,12 @@ def run_serve(args: argparse.Namespace) -> int:
 def _check_start(args: argparse.Namespace, worker_id: str) -> None:
     """What would stop every worker at start (bad settings or split directory, unreachable
     broker), found once here: one error instead of one traceback per worker."""
-    from converters.mqtt import MqttConfig, MqttEndpoint
+    from converters.mqtt import MqttConfig, probe_broker
     from split.store import load_split
 
     _service_config(args, worker_id)
     load_split(args.directory)
-    probe = MqttEndpoint(MqttConfig.from_url(args.broker, client_id=worker_id))
-    try:
-        probe.connect()
-    finally:
-        probe.close()
+    probe_broker(MqttConfig.from_url(args.broker, client_id=worker_id))
 
 
 def _service_config(args: argparse.Namespace, worker_id: str):

@@ -21,7 +21,7 @@ from cloud.broker import EmbeddedBroker, start_default_broker
 from cloud.config import FederatedConfig
 from cloud.server import FederatedServer
 from converters.federation_data import federated_split
-from converters.mqtt import MqttConfig, MqttEndpoint
+from converters.mqtt import MqttConfig, probe_broker
 from converters.partitioners import parse_scheme
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ def simulate(
         else:
             server = _split_trainer(config, options, url, test, on_round)
         if broker is None:
-            _probe_broker(url)  # unreachable: one error, not one traceback per device worker
+            # unreachable: one error, not one traceback per device worker
+            probe_broker(MqttConfig.from_url(url, client_id="cloud"))
         if not resume:
             # Simulated devices are new devices: an earlier run's DP ledgers are not theirs.
             shutil.rmtree(Path(config.out_dir) / "device-state", ignore_errors=True)
@@ -178,15 +179,6 @@ def simulate(
         _stop_workers(procs)
         if broker is not None:
             broker.stop()
-
-
-def _probe_broker(url: str) -> None:
-    """Connects to a given broker once; raises TransportError when it cannot be reached."""
-    endpoint = MqttEndpoint(MqttConfig.from_url(url, client_id="cloud"))
-    try:
-        endpoint.connect()
-    finally:
-        endpoint.close()
 
 
 def _split_trainer(config, options, url, test, on_round):

@@ -668,3 +668,17 @@ class MqttEndpoint:
             raise
         finally:
             self._outgoing.pop(sid, None)
+
+
+def probe_broker(config: MqttConfig) -> None:
+    """Connects once and disconnects, for commands that check the broker before they start
+    worker processes (one error instead of one traceback per worker).
+
+    Raises:
+        TransportError: the broker cannot be reached or refuses this client.
+    """
+    endpoint = MqttEndpoint(config)
+    try:
+        endpoint.connect()
+    finally:
+        endpoint.close()
